@@ -1,0 +1,39 @@
+"""Packaging for trb-megatron.
+
+CPU install (what tests and the embedded default use; pins the local CPU torch wheel so nothing
+pulls CUDA packages):  pip install torch==2.13.0 && pip install -e '.[dev]'
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="trb-megatron",
+    version="0.1.0",
+    description=(
+        "On-policy distillation with Trust-Region Behavior Blending (TRB) on Megatron-Core"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["trb_megatron", "trb_megatron.*"]),
+    install_requires=[
+        # Any torch the environment provides; CPU installs pin torch==2.13.0 first (README).
+        "torch>=2.6",
+        # 0.16.1 is the newest release for Python 3.11 and the one the CPU backend patches are
+        # tested against; trb_megatron.parallel refuses any other version at run time.
+        "megatron-core>=0.16.1,<0.17",
+        "transformers>=4.56",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        # dist_checkpointing needs psutil but megatron-core does not declare it.
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "sglang": ["sglang==0.5.23"],
+        "te": ["transformer-engine[pytorch]>=2.4,<2.10"],
+        "logging": ["tensorboard>=2.16", "wandb>=0.17"],
+    },
+)

@@ -1,0 +1,200 @@
+"""The vocabulary as the TRB functions see it: sharding, padding and the canonical stop event.
+
+Legend: N rows (token positions), V local vocabulary columns on this rank, R ranks in the
+vocabulary group. A process group shards the vocabulary in contiguous rank order: rank r holds
+global columns [offset_r, offset_r + V_r). Columns are *excluded* (zero probability under every
+model, never sampled, no gradient) when they are padding (global id >= the true vocab size) or a
+stop token merged into the canonical EOS (see `canonicalize_eos`).
+
+Every cross-rank exchange here moves a few scalars per row (all-gather of per-rank statistics);
+the vocabulary itself never crosses ranks.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """How the columns of a logits tensor map to the true vocabulary.
+
+    size: true vocabulary size; columns with global id >= size are padding (Megatron pads the
+        vocabulary to a multiple TP divides). None: every column is a real token.
+    stop_ids: global ids of the stop tokens of both models, the student's EOS first. Their
+        probability mass is merged into one stop event emitted as stop_ids[0] (a base student and
+        a chat teacher end with different tokens; method.md "EOS canonicalisation").
+    """
+
+    size: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+
+def as_layout(vocab) -> VocabLayout:
+    """Accept a VocabLayout, a plain true vocab size (int) or None."""
+    if vocab is None:
+        return VocabLayout()
+    if isinstance(vocab, VocabLayout):
+        return vocab
+    if isinstance(vocab, int) and not isinstance(vocab, bool):
+        return VocabLayout(size=vocab)
+    raise ValueError(f"vocab must be a VocabLayout, an int vocab size or None, got {vocab!r}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's slice of the (possibly padded) vocabulary and the group it is sharded over."""
+
+    group: object
+    rank: int
+    world: int
+    rows: int
+    offset: int
+    width: int
+    total: int
+    layout: VocabLayout
+
+    def global_ids(self, device) -> torch.Tensor:
+        """[V] global column ids of the local columns."""
+        return torch.arange(self.offset, self.offset + self.width, device=device)
+
+    def excluded(self, device) -> torch.Tensor | None:
+        """[V] bool, True for padded or merged-away columns; None when nothing is excluded."""
+        ids = self.global_ids(device)
+        mask = torch.zeros(self.width, dtype=torch.bool, device=device)
+        if self.layout.size is not None:
+            mask |= ids >= self.layout.size
+        for merged in self.layout.stop_ids[1:]:
+            mask |= ids == merged
+        return mask if bool(mask.any()) else None
+
+
+def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """[N, K] per-rank statistics -> [R, N, K] from every rank of `group` (R=1 without group)."""
+    if group is None:
+        return x.unsqueeze(0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def describe_shard(*logits: torch.Tensor, group=None, vocab=None) -> Shard:
+    """Validate 2-D logits of equal shape and find this rank's slice of the vocabulary.
+
+    Under a group this is one all-gather of (N, V) per rank: it checks that every rank holds
+    the same number of rows and computes the contiguous column offsets.
+    """
+    layout = as_layout(vocab)
+    first = logits[0]
+    for i, x in enumerate(logits):
+        if x.dim() != 2:
+            raise ValueError(f"logits must be 2-D [N, V_local]; argument {i} has shape "
+                             f"{tuple(x.shape)} (flatten batch and sequence dims first)")
+        if not x.is_floating_point():
+            raise ValueError(f"logits must be floating point; argument {i} is {x.dtype}")
+        if x.shape != first.shape:
+            raise ValueError(
+                f"student and teacher logits differ in shape: {tuple(first.shape)} vs "
+                f"{tuple(x.shape)}; both models must share one (identically padded and sharded) "
+                "vocabulary: pad or slice the teacher's vocabulary rows to the student's")
+    rows, width = first.shape
+    if group is None:
+        rank, world, offset, total = 0, 1, 0, width
+    else:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        shapes = all_gather_rows(torch.tensor([[rows, width]], dtype=torch.int64), group)
+        shapes = shapes[:, 0, :].tolist()
+        if len({n for n, _ in shapes}) != 1:
+            raise ValueError(
+                "the ranks of the vocabulary group hold different numbers of rows N: "
+                f"{[n for n, _ in shapes]} (rank order); every rank must pass the same tokens")
+        offset = sum(w for _, w in shapes[:rank])
+        total = sum(w for _, w in shapes)
+    if layout.size is not None and not 1 <= layout.size <= total:
+        raise ValueError(f"vocab size {layout.size} must be in [1, {total}] (the number of "
+                         "logit columns across the group)")
+    valid_limit = total if layout.size is None else layout.size
+    for sid in layout.stop_ids:
+        if not 0 <= sid < valid_limit:
+            raise ValueError(f"stop id {sid} is outside the vocabulary [0, {valid_limit})")
+    return Shard(group, rank, world, rows, offset, width, total, layout)
+
+
+def column_values(x_NV: torch.Tensor, ids: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Values of global columns `ids` ([N, K] or [K]) in each row, fetched from their owners.
+
+    Returns [N, K]; one all-gather of K scalars per row (non-owners contribute -inf).
+    """
+    ids_NK = ids.expand(x_NV.shape[0], -1) if ids.dim() == 1 else ids
+    local = ids_NK - shard.offset
+    owned = (local >= 0) & (local < shard.width)
+    picked = x_NV.gather(1, local.clamp(0, shard.width - 1))
+    picked = torch.where(owned, picked, torch.full_like(picked, float("-inf")))
+    return all_gather_rows(picked, shard.group).amax(0)
+
+
+def canonicalize_eos(logits_NV: torch.Tensor, stop_ids, *, group=None) -> torch.Tensor:
+    """Merge the probability mass of all stop tokens into one stop event.
+
+    Returns a copy of the logits where column stop_ids[0] (the student's EOS) holds
+    logsumexp over the columns stop_ids and the other stop columns hold -inf, so the merged
+    event keeps the summed mass p(EOS_S) + p(EOS_T) and is always emitted as the student's EOS.
+    """
+    ids = torch.as_tensor(list(stop_ids), dtype=torch.int64, device=logits_NV.device)
+    out = logits_NV.clone()
+    if ids.numel() < 2:
+        return out
+    shard = describe_shard(logits_NV, group=group)
+    merged = torch.logsumexp(column_values(logits_NV, ids, shard), dim=1)
+    for pos, sid in enumerate(ids.tolist()):
+        local = sid - shard.offset
+        if 0 <= local < shard.width:
+            out[:, local] = merged if pos == 0 else float("-inf")
+    return out
+
+
+def prepare_logits(x_NV: torch.Tensor, shard: Shard, dtype) -> torch.Tensor:
+    """Logits in `dtype` with the stop events merged and excluded columns at -inf.
+
+    Never modifies the input; returns the input itself when there is nothing to change.
+    """
+    out = x_NV.to(dtype)
+    if len(shard.layout.stop_ids) > 1:
+        out = canonicalize_eos(out, shard.layout.stop_ids, group=shard.group)
+    excluded = shard.excluded(out.device)
+    if excluded is not None:
+        out = out.clone() if out is x_NV else out
+        out[:, excluded] = float("-inf")
+    return out
+
+
+def finite_shift(m_N: torch.Tensor) -> torch.Tensor:
+    """A row max usable as an exp shift: 0 where the shard is all -inf (then every term is 0)."""
+    return torch.where(m_N == float("-inf"), torch.zeros_like(m_N), m_N)
+
+
+def lse_stats(x_NV: torch.Tensor) -> torch.Tensor:
+    """[N, 2] local (max, sum exp(x - max)); a shard whose columns are all -inf gives (-inf, 0)."""
+    m = x_NV.amax(dim=1)
+    z = torch.exp(x_NV - finite_shift(m).unsqueeze(1)).sum(dim=1)
+    return torch.stack([m, z], dim=1)
+
+
+def combine_weighted(stats_RNK: torch.Tensor) -> torch.Tensor:
+    """Combine per-rank (max m_r, sums S_r...) into global sums relative to the global max.
+
+    stats_RNK[..., 0] is each rank's shift m_r and stats_RNK[..., 1:] are sums of
+    exp(x - m_r) * f(x). Returns [N, K]: (M, sum_r exp(m_r - M) S_r ...).
+    """
+    m_RN = stats_RNK[..., 0]
+    big_N = m_RN.amax(0)
+    scale_RN = torch.exp(m_RN - big_N)
+    sums = (stats_RNK[..., 1:] * scale_RN.unsqueeze(-1)).sum(0)
+    return torch.cat([big_N.unsqueeze(1), sums], dim=1)
+
+
+def logsumexp(x_NV: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """[N] log sum_v exp(x) over the whole (sharded) vocabulary."""
+    m, z = combine_weighted(all_gather_rows(lse_stats(x_NV), shard.group)).unbind(1)
+    return m + torch.log(z)

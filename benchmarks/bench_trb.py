@@ -1,0 +1,197 @@
+"""Benchmark of the TRB method core: blend solver, communication and reverse-KL loss.
+
+    bash scripts/bench.sh                                   # full size (a few minutes, 2 cores)
+    .venv/bin/python benchmarks/bench_trb.py --rows 32 --vocab 8192 --repeats 1   # quick look
+
+Every number comes from this run on this machine; ratios are against baselines measured in the
+same run. Never part of the test suite.
+1. solve_beta on [rows, vocab] peaked logits for eps in 0.001/0.01/0.05: time relative to one
+   torch.logsumexp pass over the same (float32) logits, mean/max Newton evaluations per token;
+   eager float64 (the default), fused float64 and fused float32 with tol=1e-5 (fused =
+   torch.compile).
+2. Bytes one rank receives per token for one solver evaluation under a 2-rank gloo group
+   (counted on the real all_gather calls), versus all-gathering both models' logits.
+3. reverse_kl_loss("full") forward+backward versus megatron-core's vocab_parallel_cross_entropy
+   on the same logits: time ratio, and peak-memory ratio (growth of peak RSS in a fresh process
+   for each, inputs allocated before the baseline is read).
+Targets (issue 2): mean evaluations <= 5; solver <= 8x logsumexp; loss <= 2x CE time and
+<= 1.5x CE peak memory.
+"""
+
+import argparse
+import concurrent.futures as futures
+import multiprocessing
+import os
+import resource
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from trb_megatron.trb import reverse_kl_loss, solve_beta
+
+EPS = (0.001, 0.01, 0.05)
+
+
+def peaked_logits(rows, vocab, seed):
+    """LLM-like student/teacher logits: a broad Gaussian floor, correlated models, and one
+    dominant token per row that the two models often disagree on. Built in place so that
+    creating them leaves no transient allocations behind."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.empty(rows, vocab).normal_(generator=g).mul_(2.5)
+    t = torch.empty(rows, vocab).normal_(generator=g).mul_(1.5).add_(s, alpha=0.8)
+    r = torch.arange(rows)
+    s[r, torch.randint(0, vocab, (rows,), generator=g)] += 12.0
+    t[r, torch.randint(0, vocab, (rows,), generator=g)] += 14.0
+    return s, t
+
+
+def best_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_solver(s, t, repeats):
+    lse = best_time(lambda: torch.logsumexp(s, dim=1), repeats)
+    print(f"\n## solve_beta, N={s.shape[0]} V={s.shape[1]}; one torch.logsumexp pass: "
+          f"{lse * 1e3:.1f} ms")
+    print(f"{'variant':<16}{'eps':>7}{'ms':>9}{'x lse':>8}{'mean it':>9}{'max it':>8}"
+          f"{'beta mean':>11}{'teacher=1':>11}")
+    for name, kw in (("eager float64", {}), ("fused float64", {"fused": True}),
+                     ("fused float32", {"fused": True, "dtype": torch.float32, "tol": 1e-5})):
+        for eps in EPS:
+            sol = solve_beta(s, t, eps, **kw)
+            took = best_time(lambda: solve_beta(s, t, eps, **kw), repeats)
+            print(f"{name:<16}{eps:>7}{took * 1e3:>9.1f}{took / lse:>8.2f}"
+                  f"{sol.token_iterations.double().mean():>9.2f}{sol.iterations:>8d}"
+                  f"{sol.beta.mean():>11.3f}{sol.teacher_feasible.double().mean():>11.3f}")
+
+
+def _comm_worker(rank, world, port, rows, vocab, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    s, t = peaked_logits(rows, vocab, seed=1)
+    width = vocab // world
+    local = slice(rank * width, (rank + 1) * width)
+    calls = []
+    upstream = dist.all_gather
+
+    def counting(outputs, tensor, group=None, async_op=False):
+        received = sum(o.numel() * o.element_size() for o in outputs) - tensor.numel() * tensor.element_size()
+        calls.append((tensor.shape[0], received))
+        return upstream(outputs, tensor, group=group, async_op=async_op)
+
+    dist.all_gather = counting
+    sol = solve_beta(s[:, local].contiguous(), t[:, local].contiguous(), 0.01,
+                     group=dist.group.WORLD)
+    dist.all_gather = upstream
+    if rank == 0:
+        queue.put((calls, sol.token_iterations.double().mean().item()))
+    dist.destroy_process_group()
+
+
+def bench_communication(rows, vocab):
+    world = 2
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_comm_worker, args=(r, world, port, rows, vocab, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    calls, mean_it = queue.get(timeout=600)
+    for p in procs:
+        p.join()
+    evals = [(n, b) for n, b in calls if n > 0]
+    per_token = max(b / n for n, b in evals)
+    total = sum(b for _, b in evals) / rows
+    gather_vocab = 2 * (vocab - vocab // world) * 4  # both models' other shards, fp32
+    print(f"\n## communication under a {world}-rank gloo group (N={rows}, V={vocab}, eps=0.01)")
+    print(f"all_gather calls: {len(calls)}; largest per token per call: {per_token:.0f} B; "
+          f"whole solve per token: {total:.0f} B (mean {mean_it:.2f} Newton evaluations)")
+    print(f"all-gathering both models' vocabularies instead: {gather_vocab} B per token "
+          f"({gather_vocab / per_token:.0f}x one evaluation, {gather_vocab / total:.0f}x the "
+          "whole solve)")
+
+
+def _loss_run(which, rows, vocab, measure_memory):
+    """One forward+backward in this process; returns (seconds, peak RSS growth in bytes)."""
+    torch.set_num_threads(int(os.environ.get("TRB_BENCH_THREADS", "2")))
+    if which == "ce":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TRB_BENCH_PORT"],
+                          RANK="0", WORLD_SIZE="1")
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from trb_megatron.parallel import detect_profile, initialize_parallel
+
+        initialize_parallel(detect_profile(), tensor_parallel_size=1, pipeline_parallel_size=1,
+                            seed=0)
+    s, t = peaked_logits(rows, vocab, seed=2)
+    s.requires_grad_(True)
+    target = torch.zeros(rows, 1, dtype=torch.int64).random_(0, vocab)
+
+    def step():
+        if which == "ce":
+            # megatron subtracts the max in place: a clone is part of the price of using it.
+            loss = vocab_parallel_cross_entropy(s.clone().view(rows, 1, vocab), target).mean()
+        else:
+            loss = reverse_kl_loss(s, t)
+        loss.backward()
+        s.grad = None
+
+    if not measure_memory:
+        return best_time(step, 3), 0
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    step()
+    took = time.perf_counter() - start
+    return took, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def _fresh(which, rows, vocab, measure_memory):
+    with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_loss_run, which, rows, vocab, measure_memory).result()
+
+
+def bench_loss(rows, vocab):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ["TRB_BENCH_PORT"] = str(sock.getsockname()[1])
+    ce_time, _ = _fresh("ce", rows, vocab, False)
+    kl_time, _ = _fresh("kl", rows, vocab, False)
+    _, ce_mem = _fresh("ce", rows, vocab, True)
+    _, kl_mem = _fresh("kl", rows, vocab, True)
+    mib = 1 << 20
+    print(f"\n## loss forward+backward, N={rows} V={vocab} float32 "
+          f"(one [N, V] fp32 tensor = {rows * vocab * 4 / mib:.0f} MiB)")
+    print(f"{'':<34}{'ms':>9}{'peak MiB':>10}")
+    print(f"{'megatron vocab_parallel_cross_entropy':<34}{ce_time * 1e3:>9.1f}{ce_mem / mib:>10.0f}")
+    print(f"{'reverse_kl_loss full':<34}{kl_time * 1e3:>9.1f}{kl_mem / mib:>10.0f}")
+    print(f"ratios: time {kl_time / ce_time:.2f}x (target <= 2), peak memory "
+          f"{kl_mem / max(ce_mem, 1):.2f}x (target <= 1.5)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=256, help="tokens N")
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary V (Qwen3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    s, t = peaked_logits(args.rows, args.vocab, seed=0)
+    bench_solver(s, t, args.repeats)
+    del s, t
+    bench_communication(min(args.rows, 64), args.vocab)
+    bench_loss(args.rows, args.vocab)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@ K top-k support size. s, t: student and teacher logits; p = softmax(s), q = soft
 
 Estimators (method.md "OPEN"; the gradient is always with respect to the student logits only):
   full:    KL_n = sum_v p (log p - log q), exact; dKL/ds_v = p_v ((log p_v - log q_v) - KL_n).
-           Processed in row chunks so at most one extra fp32 [chunk, V] buffer lives at a time.
+           Processed in row chunks (~4 MiB) so only chunk-sized temporaries ever live; one
+           collective for all rows in the forward, none in the backward.
   topk:    the paper's estimator on the student's top-k support K_n: weights p~ = p / p(K_n),
            value sum_{v in K} p~_v (log p_v - log q_v); policy-gradient surrogate gradient
            p~_v (delta_v - value) on v in K (zero elsewhere). With K = the whole vocabulary it
@@ -19,10 +20,10 @@ move a few scalars (or K triples) per row, never the vocabulary.
 import torch
 
 from .vocab import (Shard, all_gather_rows, column_values, combine_weighted, describe_shard,
-                    finite_shift, lse_stats, prepare_logits)
+                    finite_shift, lse_stats, merge_stops, prepare_logits)
 
 ESTIMATORS = ("full", "topk", "sampled")
-_CHUNK_ELEMENTS = 1 << 23  # 32 MiB of fp32 per chunk
+_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk: the eager passes over it stay in cache
 
 
 def _chunks(shard: Shard, chunk_rows):
@@ -47,51 +48,73 @@ def _dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _masked_gap(a_NV, b_NV, shard):
-    """a - b with 0 (not NaN) on excluded columns, where both are -inf."""
-    gap = a_NV - b_NV
-    excluded = shard.excluded(gap.device)
-    if excluded is not None:
-        gap[:, excluded] = 0.0
-    return gap
-
-
 def _finite_or_raise(*values):
     if not all(bool(torch.isfinite(v).all()) for v in values):
         raise ValueError("logits must be finite in every real (non-padded) vocabulary column")
 
 
+def kl_chunk_stats(s_NV, t_NV, excluded_V, dtype):
+    """[n, 5] local (max s, sum e^(s - max s), max t, sum e^(t - max t), sum e^(s - max s)(s - t))
+    of a row chunk; excluded columns ([V] bool or None) count as -inf in both models."""
+    s, t = s_NV.to(dtype), t_NV.to(dtype)
+    gap = s - t
+    if excluded_V is not None:
+        s = torch.where(excluded_V, float("-inf"), s)
+        t = torch.where(excluded_V, float("-inf"), t)
+        gap = torch.where(excluded_V, 0.0, gap)
+    m_s, m_t = s.amax(dim=1), t.amax(dim=1)
+    e_s = torch.exp(s - finite_shift(m_s).unsqueeze(1))
+    z_t = torch.exp(t - finite_shift(m_t).unsqueeze(1)).sum(1)
+    return torch.stack([m_s, e_s.sum(1), m_t, z_t, (e_s * gap).sum(1)], dim=1)
+
+
+def kl_chunk_grad(s_NV, t_NV, lse_s_n, shift_n, grad_n, excluded_V, dtype):
+    """[n, V] dKL/ds * upstream grad = p (s - t - shift) g, shift = lse_s - lse_t + KL per row."""
+    s = s_NV.to(dtype)
+    p = torch.exp(s - lse_s_n.unsqueeze(1))
+    coeff = (s - t_NV.to(dtype) - shift_n.unsqueeze(1)) * grad_n.unsqueeze(1)
+    if excluded_V is not None:
+        p = torch.where(excluded_V, 0.0, p)
+        coeff = torch.where(excluded_V, 0.0, coeff)
+    return (p * coeff).to(s_NV.dtype)
+
+
+_FUSED = {}
+
+
+def _kernel(fn, fused):
+    """fn itself, or (fused=True) fn compiled by torch.compile into one pass per chunk."""
+    if not fused:
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True)
+    return _FUSED[fn]
+
+
 class _FullReverseKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s_NV, t_NV, shard, chunk_rows):
-        kl_N = torch.empty(shard.rows, dtype=_dtype(s_NV), device=s_NV.device)
-        lse_s_N, lse_t_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
-        for rows in _chunks(shard, chunk_rows):
-            s = prepare_logits(s_NV[rows], shard, _dtype(s_NV))
-            t = prepare_logits(t_NV[rows], shard, _dtype(s_NV))
-            m_s = s.amax(dim=1)
-            e_s = torch.exp(s - finite_shift(m_s).unsqueeze(1))
-            weighted = (e_s * _masked_gap(s, t, shard)).sum(1)
-            stats = torch.stack([m_s, e_s.sum(1), *lse_stats(t).unbind(1), weighted], 1)
-            del e_s
-            lse_s, lse_t, sums = _global_lse(stats, shard)
-            lse_s_N[rows], lse_t_N[rows] = lse_s, lse_t
-            kl_N[rows] = sums[:, 0] - lse_s + lse_t
+    def forward(ctx, s_NV, t_NV, shard, chunk_rows, fused):
+        excluded, dtype = shard.excluded(s_NV.device), _dtype(s_NV)
+        stats = _kernel(kl_chunk_stats, fused)
+        local = torch.cat([stats(s_NV[rows], t_NV[rows], excluded, dtype)
+                           for rows in _chunks(shard, chunk_rows)])
+        lse_s, lse_t, sums = _global_lse(local, shard)  # one collective for all rows
+        kl_N = sums[:, 0] - lse_s + lse_t
         _finite_or_raise(kl_N)
-        ctx.save_for_backward(s_NV, t_NV, lse_s_N, lse_t_N, kl_N)
-        ctx.shard, ctx.chunk_rows = shard, chunk_rows
+        ctx.save_for_backward(s_NV, t_NV, lse_s, lse_s - lse_t + kl_N)
+        ctx.shard, ctx.chunk_rows, ctx.fused = shard, chunk_rows, fused
         return kl_N.clamp_min(0.0)
 
     @staticmethod
     def backward(ctx, grad_N):
-        s_NV, t_NV, lse_s_N, lse_t_N, kl_N = ctx.saved_tensors
+        s_NV, t_NV, lse_s, shift = ctx.saved_tensors
+        excluded, dtype = ctx.shard.excluded(s_NV.device), _dtype(s_NV)
+        grad_fn = _kernel(kl_chunk_grad, ctx.fused)
         grad_NV = torch.empty_like(s_NV)
         for rows in _chunks(ctx.shard, ctx.chunk_rows):
-            log_p = prepare_logits(s_NV[rows], ctx.shard, _dtype(s_NV)) - lse_s_N[rows, None]
-            log_q = prepare_logits(t_NV[rows], ctx.shard, _dtype(s_NV)) - lse_t_N[rows, None]
-            delta = _masked_gap(log_p, log_q, ctx.shard).sub_(kl_N[rows, None])
-            grad_NV[rows] = log_p.exp_().mul_(delta).mul_(grad_N[rows, None])
-        return grad_NV, None, None, None
+            grad_NV[rows] = grad_fn(s_NV[rows], t_NV[rows], lse_s[rows], shift[rows],
+                                    grad_N[rows].to(dtype), excluded, dtype)
+        return grad_NV, None, None, None, None
 
 
 def _topk_support(s_NV, t_NV, shard, k):
@@ -169,23 +192,26 @@ class _SampledReverseKL(torch.autograd.Function):
 
 
 def per_token_reverse_kl(student_logits, teacher_logits, *, group=None, estimator="full",
-                         vocab=None, topk=16, tokens=None, chunk_rows=None):
+                         vocab=None, topk=16, tokens=None, chunk_rows=None, fused=False):
     """[N] per-prefix reverse KL(pi_S || pi_T) estimates, differentiable w.r.t. student_logits.
 
     student_logits, teacher_logits: [N, V_local] (vocabulary sharded over `group`); the teacher
     never receives a gradient. estimator: "full" | "topk" (k=`topk`) | "sampled" (needs
     `tokens`: [N] global ids of the rollout tokens). vocab: true vocab size or VocabLayout.
+    fused=True compiles the "full" estimator's per-chunk passes with torch.compile.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     shard = describe_shard(student_logits, teacher_logits, group=group, vocab=vocab)
-    teacher = teacher_logits.detach()
+    # Stop tokens merged once, differentiably: the merged column's gradient reaches both.
+    student = merge_stops(student_logits, shard)
+    teacher = merge_stops(teacher_logits.detach(), shard)
     if estimator == "full":
-        return _FullReverseKL.apply(student_logits, teacher, shard, chunk_rows)
+        return _FullReverseKL.apply(student, teacher, shard, chunk_rows, fused)
     if estimator == "topk":
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
-        return _TopkReverseKL.apply(student_logits, teacher, shard, topk)
+        return _TopkReverseKL.apply(student, teacher, shard, topk)
     if tokens is None:
         raise ValueError('estimator="sampled" needs tokens: the [N] rollout token ids')
     tokens = torch.as_tensor(tokens, dtype=torch.int64, device=student_logits.device)
@@ -194,15 +220,15 @@ def per_token_reverse_kl(student_logits, teacher_logits, *, group=None, estimato
     limit = shard.layout.size or shard.total
     if bool(((tokens < 0) | (tokens >= limit)).any()):
         raise ValueError(f"tokens must be vocabulary ids in [0, {limit})")
-    return _SampledReverseKL.apply(student_logits, teacher, shard, tokens, chunk_rows)
+    return _SampledReverseKL.apply(student, teacher, shard, tokens, chunk_rows)
 
 
 def reverse_kl_loss(student_logits, teacher_logits, *, mask=None, group=None, estimator="full",
-                    vocab=None, topk=16, tokens=None, chunk_rows=None):
+                    vocab=None, topk=16, tokens=None, chunk_rows=None, fused=False):
     """Token-mean over `mask` ([N], bool or 0/1; None: all rows) of per_token_reverse_kl."""
     per_token = per_token_reverse_kl(student_logits, teacher_logits, group=group,
                                      estimator=estimator, vocab=vocab, topk=topk,
-                                     tokens=tokens, chunk_rows=chunk_rows)
+                                     tokens=tokens, chunk_rows=chunk_rows, fused=fused)
     if mask is None:
         return per_token.mean()
     mask = torch.as_tensor(mask, device=per_token.device).to(per_token.dtype)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .vocab import (all_gather_rows, combine_weighted, describe_shard, logsumexp, lse_stats,
-                    prepare_logits)
+                    merge_stops, prepare_logits)
 
 _MASK32 = 0xFFFFFFFF
 
@@ -42,7 +42,7 @@ def blended_log_probs(student_logits, teacher_logits, beta, *, group=None, vocab
 
 
 def _log_mu(shard, student_logits, teacher_logits, beta, dtype):
-    s_NV = prepare_logits(student_logits, shard, dtype)
+    s_NV = prepare_logits(merge_stops(student_logits.to(dtype), shard), shard, dtype)
     beta_N = torch.as_tensor(beta, dtype=dtype, device=s_NV.device).expand(shard.rows)
     if bool(((beta_N < 0) | (beta_N > 1) | torch.isnan(beta_N)).any()):
         raise ValueError("beta must lie in [0, 1]")
@@ -51,7 +51,7 @@ def _log_mu(shard, student_logits, teacher_logits, beta, dtype):
             raise ValueError("teacher_logits is None but beta > 0 for some rows")
         mixed = s_NV
     else:
-        t_NV = prepare_logits(teacher_logits, shard, dtype)
+        t_NV = prepare_logits(merge_stops(teacher_logits.to(dtype), shard), shard, dtype)
         # (1-beta) s + beta t, keeping -inf (not NaN) on excluded columns.
         mixed = torch.lerp(s_NV, t_NV, beta_N.unsqueeze(1))
         excluded = shard.excluded(mixed.device)

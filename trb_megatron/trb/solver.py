@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .vocab import (Shard, all_gather_rows, canonicalize_eos, combine_weighted, describe_shard,
-                    finite_shift)
+from .vocab import (Shard, all_gather_rows, combine_weighted, describe_shard, finite_shift,
+                    merge_stops)
 
 
 @dataclass(frozen=True)
@@ -42,47 +42,65 @@ class BetaSolution:
     iterations: int
 
 
-def blend_moments(s_NV, t_NV, beta_M, rows_M, excluded_V, dtype):
-    """[M, 4] local (max l, sum w, sum w*diff, sum w*diff^2) in `dtype` for rows `rows_M`
-    ([M] indices, or None for all N rows), where diff = t - s, l = s + beta*diff and
-    w = exp(l - max l); excluded columns ([V] bool or None) get l = -inf.
+def blend_moments(s_NV, diff_NV, beta_M, rows_M, excluded_V):
+    """[M, 4] local (max l, sum w, sum w*diff, sum w*diff^2) for rows `rows_M` ([M] indices, or
+    None for all N rows), where l = s + beta*diff and w = exp(l - max l); excluded columns ([V]
+    bool or None; diff must be 0 there) get l = -inf whatever s holds.
 
-    The hot loop of the solver. It reads the raw logits and upcasts on the fly, so compiled
-    (torch.compile, `fused=True`) it is a single pass over the selected rows of s and t with no
-    [N, V] temporaries.
+    The hot loop of the solver. Compiled (torch.compile, `fused=True`) it is one pass over the
+    selected rows of s and diff with no [N, V] temporaries.
     """
     if rows_M is not None:
-        s_NV, t_NV = s_NV[rows_M], t_NV[rows_M]
-    s = s_NV.to(dtype)
-    diff = t_NV.to(dtype) - s
-    if excluded_V is not None:
-        diff = torch.where(excluded_V, 0.0, diff)
-    l_NV = s + beta_M.unsqueeze(1) * diff
+        s_NV, diff_NV = s_NV[rows_M], diff_NV[rows_M]
+    l_NV = s_NV + beta_M.unsqueeze(1) * diff_NV
     if excluded_V is not None:
         l_NV = torch.where(excluded_V, float("-inf"), l_NV)
     m_N = l_NV.amax(dim=1)
     w_NV = torch.exp(l_NV - finite_shift(m_N).unsqueeze(1))
-    wd_NV = w_NV * diff
-    return torch.stack([m_N, w_NV.sum(1), wd_NV.sum(1), (wd_NV * diff).sum(1)], dim=1)
+    wd_NV = w_NV * diff_NV
+    return torch.stack([m_N, w_NV.sum(1), wd_NV.sum(1), (wd_NV * diff_NV).sum(1)], dim=1)
 
 
 _FUSED = {}
+_EAGER_CHUNK_ELEMENTS = 1 << 18  # eager temporaries of ~2 MiB stay in cache, no page faults
+
+
+def _chunked_moments(s_NV, diff_NV, beta_M, rows_M, excluded_V):
+    """blend_moments in row chunks: the eager path's [chunk, V] temporaries stay small."""
+    step = max(1, _EAGER_CHUNK_ELEMENTS // max(s_NV.shape[1], 1))
+    parts = []
+    for a in range(0, beta_M.shape[0], step):
+        chunk = slice(a, a + step)
+        if rows_M is None:
+            parts.append(blend_moments(s_NV[chunk], diff_NV[chunk], beta_M[chunk], None,
+                                       excluded_V))
+        else:
+            parts.append(blend_moments(s_NV, diff_NV, beta_M[chunk], rows_M[chunk], excluded_V))
+    return torch.cat(parts)
 
 
 def _moments_fn(fused: bool):
     if not fused:
-        return blend_moments
+        return _chunked_moments
     if "fn" not in _FUSED:
         _FUSED["fn"] = torch.compile(blend_moments, dynamic=True)
     return _FUSED["fn"]
 
 
 class _Blend:
-    """Evaluates the blend statistics of one batch of rows for any beta (collectives inside)."""
+    """Evaluates the blend statistics of one batch of rows for any beta (collectives inside).
+
+    Holds s and diff = t - s in the compute dtype (one conversion up front: kernels on
+    same-dtype inputs vectorise far better than ones that upcast on the fly).
+    """
 
     def __init__(self, s_NV, t_NV, shard: Shard, dtype, fused):
-        self.s_NV, self.t_NV, self.shard, self.dtype = s_NV, t_NV, shard, dtype
+        self.s_NV = s_NV.to(dtype)
+        self.diff_NV = t_NV.to(dtype) - self.s_NV
         self.excluded = shard.excluded(s_NV.device)
+        if self.excluded is not None:
+            self.diff_NV[:, self.excluded] = 0.0
+        self.shard = shard
         self.moments = _moments_fn(fused)
 
     def at(self, beta_N, rows=None):
@@ -92,7 +110,7 @@ class _Blend:
         Late iterations touch only the few rows still open.
         """
         beta = beta_N if rows is None else beta_N[rows]
-        local = self.moments(self.s_NV, self.t_NV, beta, rows, self.excluded, self.dtype)
+        local = self.moments(self.s_NV, self.diff_NV, beta, rows, self.excluded)
         m, s0, s1, s2 = combine_weighted(all_gather_rows(local, self.shard.group)).unbind(1)
         mean = s1 / s0
         out = torch.stack([m + torch.log(s0), mean, (s2 / s0 - mean * mean).clamp_min(0.0)])
@@ -147,10 +165,7 @@ def solve_beta(student_logits, teacher_logits, eps, *, group=None, tol=1e-6, rto
         raise ValueError(f"need max_iters >= 1, tol > 0, rtol > 0; got {max_iters}, {tol}, {rtol}")
     shard = describe_shard(student_logits, teacher_logits, group=group, vocab=vocab)
     eps_N = _eps_tensor(eps, shard.rows, dtype, student_logits.device)
-    s_NV, t_NV = student_logits, teacher_logits
-    if len(shard.layout.stop_ids) > 1:  # merge stop events in a copy; inputs stay untouched
-        s_NV, t_NV = (canonicalize_eos(x.to(dtype), shard.layout.stop_ids, group=group)
-                      for x in (s_NV, t_NV))
+    s_NV, t_NV = (merge_stops(x.to(dtype), shard) for x in (student_logits, teacher_logits))
     blend = _Blend(s_NV, t_NV, shard, dtype, fused)
     zero_N, one_N = torch.zeros_like(eps_N), torch.ones_like(eps_N)
     lse_s, mean_s, var_s = blend.at(zero_N)

@@ -137,17 +137,23 @@ def column_values(x_NV: torch.Tensor, ids: torch.Tensor, shard: Shard) -> torch.
 def canonicalize_eos(logits_NV: torch.Tensor, stop_ids, *, group=None) -> torch.Tensor:
     """Merge the probability mass of all stop tokens into one stop event.
 
-    Returns a copy of the logits where column stop_ids[0] (the student's EOS) holds
-    logsumexp over the columns stop_ids and the other stop columns hold -inf, so the merged
+    Returns a copy of the logits (differentiable) where column stop_ids[0] (the student's EOS)
+    holds logsumexp over the columns stop_ids and the other stop columns hold -inf, so the merged
     event keeps the summed mass p(EOS_S) + p(EOS_T) and is always emitted as the student's EOS.
     """
-    ids = torch.as_tensor(list(stop_ids), dtype=torch.int64, device=logits_NV.device)
-    out = logits_NV.clone()
-    if ids.numel() < 2:
-        return out
-    shard = describe_shard(logits_NV, group=group)
-    merged = torch.logsumexp(column_values(logits_NV, ids, shard), dim=1)
-    for pos, sid in enumerate(ids.tolist()):
+    shard = describe_shard(logits_NV, group=group, vocab=VocabLayout(stop_ids=tuple(stop_ids)))
+    return merge_stops(logits_NV, shard)
+
+
+def merge_stops(x_NV: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """`canonicalize_eos` with the shard's stop ids, or x itself when there is nothing to merge."""
+    stop_ids = shard.layout.stop_ids
+    if len(stop_ids) < 2:
+        return x_NV
+    ids = torch.as_tensor(stop_ids, dtype=torch.int64, device=x_NV.device)
+    merged = torch.logsumexp(column_values(x_NV, ids, shard), dim=1)
+    out = x_NV.clone()
+    for pos, sid in enumerate(stop_ids):
         local = sid - shard.offset
         if 0 <= local < shard.width:
             out[:, local] = merged if pos == 0 else float("-inf")
@@ -155,13 +161,11 @@ def canonicalize_eos(logits_NV: torch.Tensor, stop_ids, *, group=None) -> torch.
 
 
 def prepare_logits(x_NV: torch.Tensor, shard: Shard, dtype) -> torch.Tensor:
-    """Logits in `dtype` with the stop events merged and excluded columns at -inf.
+    """Logits in `dtype` with the excluded columns at -inf (stop merging is the caller's, once).
 
     Never modifies the input; returns the input itself when there is nothing to change.
     """
     out = x_NV.to(dtype)
-    if len(shard.layout.stop_ids) > 1:
-        out = canonicalize_eos(out, shard.layout.stop_ids, group=shard.group)
     excluded = shard.excluded(out.device)
     if excluded is not None:
         out = out.clone() if out is x_NV else out

@@ -147,17 +147,51 @@ def canonicalize_eos(logits_NV: torch.Tensor, stop_ids, *, group=None) -> torch.
 
 def merge_stops(x_NV: torch.Tensor, shard: Shard) -> torch.Tensor:
     """`canonicalize_eos` with the shard's stop ids, or x itself when there is nothing to merge."""
-    stop_ids = shard.layout.stop_ids
-    if len(stop_ids) < 2:
+    if len(shard.layout.stop_ids) < 2:
         return x_NV
-    ids = torch.as_tensor(stop_ids, dtype=torch.int64, device=x_NV.device)
-    merged = torch.logsumexp(column_values(x_NV, ids, shard), dim=1)
-    out = x_NV.clone()
-    for pos, sid in enumerate(stop_ids):
+    return _MergeStops.apply(x_NV, shard)
+
+
+class _MergeStops(torch.autograd.Function):
+    """Stop-token merge whose backward reaches every stop column, whichever rank owns it.
+
+    d merged / d x_j = softmax_j over the stop columns; the merged column's upstream gradient
+    lives on the rank owning stop_ids[0], so the backward shares it with one all-gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NV, shard):
+        ids = torch.as_tensor(shard.layout.stop_ids, dtype=torch.int64, device=x_NV.device)
+        values_NK = column_values(x_NV, ids, shard)
+        merged = torch.logsumexp(values_NK, dim=1)
+        out = x_NV.clone()
+        for pos, local in _owned_stops(shard):
+            out[:, local] = merged if pos == 0 else float("-inf")
+        ctx.save_for_backward(torch.softmax(values_NK, dim=1))
+        ctx.shard = shard
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_NV):
+        (weights_NK,) = ctx.saved_tensors
+        shard = ctx.shard
+        owned = dict(_owned_stops(shard))
+        upstream = torch.zeros_like(weights_NK[:, :1])
+        if 0 in owned:
+            upstream = grad_NV[:, owned[0]:owned[0] + 1].to(weights_NK.dtype)
+        upstream = all_gather_rows(upstream, shard.group).sum(0)[:, 0]
+        grad = grad_NV.clone()
+        for pos, local in owned.items():
+            grad[:, local] = (upstream * weights_NK[:, pos]).to(grad.dtype)
+        return grad, None
+
+
+def _owned_stops(shard: Shard):
+    """(position in stop_ids, local column) for the stop tokens this rank holds."""
+    for pos, sid in enumerate(shard.layout.stop_ids):
         local = sid - shard.offset
         if 0 <= local < shard.width:
-            out[:, local] = merged if pos == 0 else float("-inf")
-    return out
+            yield pos, local
 
 
 def prepare_logits(x_NV: torch.Tensor, shard: Shard, dtype) -> torch.Tensor:

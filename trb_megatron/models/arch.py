@@ -94,19 +94,12 @@ class ModelArch:
 
     def check_parallel(self, tensor_parallel: int, pipeline_parallel: int) -> None:
         """Reject a TP/PP layout this model cannot be split into, with the numbers."""
-        problems = []
-        if self.num_heads % tensor_parallel:
-            problems.append(f"TP={tensor_parallel} does not divide num_attention_heads="
-                            f"{self.num_heads}")
-        if self.num_kv_heads % tensor_parallel:
-            problems.append(f"TP={tensor_parallel} does not divide num_key_value_heads="
-                            f"{self.num_kv_heads}")
-        if self.padded_vocab_size % tensor_parallel:
-            problems.append(f"TP={tensor_parallel} does not divide the padded vocabulary "
-                            f"{self.padded_vocab_size}")
-        if self.num_layers % pipeline_parallel:
-            problems.append(f"PP={pipeline_parallel} does not divide num_hidden_layers="
-                            f"{self.num_layers}")
+        checks = (("TP", tensor_parallel, "num_attention_heads", self.num_heads),
+                  ("TP", tensor_parallel, "num_key_value_heads", self.num_kv_heads),
+                  ("TP", tensor_parallel, "the padded vocabulary", self.padded_vocab_size),
+                  ("PP", pipeline_parallel, "num_hidden_layers", self.num_layers))
+        problems = [f"{kind}={size} does not divide {what}={value}"
+                    for kind, size, what, value in checks if value % size]
         if problems:
             raise ValueError("invalid parallel layout: " + "; ".join(problems))
 

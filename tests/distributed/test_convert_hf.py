@@ -97,3 +97,9 @@ def test_command_line_tool(tmp_path):
                "--max-shard-gb", "0.00003").returncode == 0
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    # a sharded HF checkpoint converts too; verify fails on weights that are not the model's
+    assert run("hf-to-megatron", "--hf-dir", "back", "--out-dir", "mg2").returncode == 0
+    make_hf_model(tmp_path / "other", "qwen3", seed=1)
+    assert run("hf-to-megatron", "--hf-dir", "other", "--out-dir", "other-mg").returncode == 0
+    wrong = run("verify", "--hf-dir", "hf", "--megatron-dir", "other-mg")
+    assert wrong.returncode == 1 and "FAILED" in wrong.stdout, wrong.stdout + wrong.stderr

@@ -1,0 +1,170 @@
+"""Typed run configuration: one keyword-only dataclass per component, each field documented where
+it is declared; `validate()` raises ValueError naming the field and the fix.
+
+`from_dict(Config, mapping)` builds a config from nested dicts (YAML), rejecting unknown keys with
+the list of valid ones; values are type-checked against the annotations.
+"""
+
+import dataclasses
+import math
+import typing
+
+from trb_megatron.trb import ESTIMATORS, METHODS
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    student: str
+    """Megatron checkpoint directory of the student (tools/convert_hf.py hf-to-megatron)."""
+    teacher: str
+    """Megatron checkpoint directory of the frozen teacher (same tokenizer as the student)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """TP size: divides attention heads, KV heads and the padded vocabulary of both models."""
+    pipeline_parallel: int = 1
+    """PP size: divides the number of layers of both models."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TRBConfig:
+    method: str = "trb"
+    """trb (eps0 annealed linearly to 0 over anneal_steps) | opd (eps = 0) | fixed_eps."""
+    eps0: float = 0.02
+    """Initial trust-region budget KL(mu || pi_S) in nats (paper default 0.02)."""
+    anneal_steps: int = 50
+    """K: optimiser steps of the linear anneal (paper default 50)."""
+    solver_tol: float = 1e-6
+    """Absolute KL tolerance of the beta solver (nats)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    samples_per_prompt: int = 4
+    """Rollouts per prompt (paper: 4)."""
+    max_new_tokens: int = 256
+    """Response length limit (paper: 7168)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class LossConfig:
+    estimator: str = "topk"
+    """full (exact reverse KL) | topk (the paper's student top-k support) | sampled (K1)."""
+    topk: int = 16
+    """k of the topk estimator (paper: 16)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (paper: 1e-5)."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = 15
+    """Linear warmup steps (paper: 15)."""
+    decay_style: str = "constant"
+    """After warmup: constant (paper) | cosine (to min_lr at the last step)."""
+    weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay (paper: 0.01)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (paper: 1.0); 0 disables."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron DistributedOptimizer)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    steps: int
+    """Optimiser steps to run in total (a resumed run continues to this number)."""
+    prompts_per_step: int = 64
+    """Prompts per optimiser step over all data-parallel ranks (paper: 64)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward microbatch on one data-parallel rank."""
+    seed: int = 1234
+    """Seeds prompt order, rollout sampling and initialisation."""
+    run_dir: str = "runs/trb"
+    """Metrics (metrics.jsonl), resolved config and checkpoints go here."""
+    save_every: int = 50
+    """Checkpoint every this many steps (and at the end, and on SIGTERM); 0: only those."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk (older ones are deleted after a successful save)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Config:
+    model: ModelConfig
+    train: TrainConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    trb: TRBConfig = dataclasses.field(default_factory=TRBConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def validate(self) -> "Config":
+        checks = [
+            ("parallel.tensor_parallel", self.parallel.tensor_parallel >= 1, ">= 1"),
+            ("parallel.pipeline_parallel", self.parallel.pipeline_parallel >= 1, ">= 1"),
+            ("trb.method", self.trb.method in METHODS, f"one of {METHODS}"),
+            ("trb.eps0", math.isfinite(self.trb.eps0) and self.trb.eps0 >= 0, "finite, >= 0"),
+            ("trb.anneal_steps", self.trb.anneal_steps >= 1, ">= 1"),
+            ("trb.solver_tol", self.trb.solver_tol > 0, "> 0"),
+            ("rollout.samples_per_prompt", self.rollout.samples_per_prompt >= 1, ">= 1"),
+            ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
+            ("loss.estimator", self.loss.estimator in ESTIMATORS, f"one of {ESTIMATORS}"),
+            ("loss.topk", self.loss.topk >= 1, ">= 1"),
+            ("optim.lr", self.optim.lr > 0, "> 0"),
+            ("optim.min_lr", 0 <= self.optim.min_lr <= self.optim.lr, "in [0, optim.lr]"),
+            ("optim.warmup_steps", self.optim.warmup_steps >= 0, ">= 0"),
+            ("optim.decay_style", self.optim.decay_style in ("constant", "cosine"),
+             "constant or cosine"),
+            ("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0"),
+            ("optim.grad_clip", self.optim.grad_clip >= 0, ">= 0"),
+            ("train.steps", self.train.steps >= 1, ">= 1"),
+            ("train.prompts_per_step", self.train.prompts_per_step >= 1, ">= 1"),
+            ("train.micro_batch_size", self.train.micro_batch_size >= 1, ">= 1"),
+            ("train.save_every", self.train.save_every >= 0, ">= 0"),
+            ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, ">= 1"),
+        ]
+        bad = [f"{name} must be {rule}" for name, ok, rule in checks if not ok]
+        if bad:
+            raise ValueError("invalid config: " + "; ".join(bad))
+        return self
+
+
+def from_dict(cls, data, prefix=""):
+    """Build dataclass `cls` from a nested mapping; unknown keys and wrong types name the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys "
+                         f"of {prefix.rstrip('.') or 'the config'}: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = from_dict(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, prefix + name)
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, key):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and (type(value) is not kind):
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""The OPD/TRB training loop on Megatron-Core."""

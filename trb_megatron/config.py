@@ -93,8 +93,18 @@ class TrainConfig:
     """Checkpoint every this many steps (and at the end, and on SIGTERM); 0: only those."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept on disk (older ones are deleted after a successful save)."""
+    eval_every: int = 0
+    """Run the evaluation hook every this many steps (and after the last); 0 disables."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN/tensorboard (needs the `logging` extra)."""
+    wandb_project: str = ""
+    """Also log to this wandb project; empty disables (needs the `logging` extra)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -106,6 +116,7 @@ class Config:
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def validate(self) -> "Config":
         checks = [
@@ -131,6 +142,7 @@ class Config:
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, ">= 1"),
             ("train.save_every", self.train.save_every >= 0, ">= 0"),
             ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, ">= 1"),
+            ("train.eval_every", self.train.eval_every >= 0, ">= 0"),
         ]
         bad = [f"{name} must be {rule}" for name, ok, rule in checks if not ok]
         if bad:

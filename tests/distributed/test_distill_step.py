@@ -52,10 +52,14 @@ def _body(rank, world, root):
     root = Path(root)
     hf_to_megatron(root / "hf-student", root / "student", progress=False)
     hf_to_megatron(root / "hf-teacher", root / "teacher", progress=False)
+    exact = []
     for estimator in ("full", "topk", "sampled"):
         results = {name: _one_step(root, name, tp, pp, estimator)
                    for name, (tp, pp) in LAYOUTS.items()}
         reference = results["one-rank"]
+        exact.append(reference.reverse_kl)  # same weights before the step: same exact KL
+        assert abs(exact[-1] - exact[0]) < 1e-6 and (estimator != "full"
+                                                     or reference.loss == reference.reverse_kl)
         assert reference.loss != 0 and reference.grad_norm > 0  # K1 may be negative
         with parallel_layout(1, 1) as groups:
             from megatron.core import dist_checkpointing

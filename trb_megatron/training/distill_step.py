@@ -26,7 +26,9 @@ from trb_megatron.trb import VocabLayout, per_token_reverse_kl
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     loss: float
-    """Token-mean per-prefix reverse KL over the global batch (the chosen estimator)."""
+    """Token-mean of the chosen estimator over the global batch (what the gradient follows)."""
+    reverse_kl: float
+    """Token-mean exact per-prefix reverse KL(pi_S || pi_T) (equals loss for "full")."""
     grad_norm: float
     response_tokens: int
     teacher_seconds: float
@@ -100,9 +102,17 @@ class DistillStep:
                     logits.reshape(-1, width), mb["teacher_logits"].reshape(-1, width),
                     group=self.groups.tp, estimator=self.estimator, vocab=self.vocab,
                     topk=self.topk, tokens=mb["next_tokens"].reshape(-1))
-                kl_sum = (kl * mb["loss_mask"].reshape(-1).to(kl.dtype)).sum()
-                # the schedule divides the returned loss in place: report a copy
-                return kl_sum * scale, {"kl_sum": kl_sum.detach().clone()}
+                mask = mb["loss_mask"].reshape(-1).to(kl.dtype)
+                kl_sum = (kl * mask).sum()
+                exact = kl_sum.detach()
+                if self.estimator != "full":
+                    with torch.no_grad():
+                        exact = (per_token_reverse_kl(
+                            logits.reshape(-1, width), mb["teacher_logits"].reshape(-1, width),
+                            group=self.groups.tp, vocab=self.vocab) * mask).sum()
+                # the schedule divides the returned loss in place: report copies
+                return kl_sum * scale, {"kl_sum": kl_sum.detach().clone(),
+                                        "exact_sum": exact.clone()}
 
             return output, loss_fn
 
@@ -112,15 +122,17 @@ class DistillStep:
         finalize_model_grads([self.ddp], pg_collection=self.groups)
         # One value for every rank: last-stage, TP-rank-0 ranks contribute their sums.
         contributes = self.last_stage and self.groups.tp.rank() == 0
-        total = torch.tensor([sum(float(r["kl_sum"]) for r in reports) if contributes else 0.0])
+        sums = torch.tensor([[float(r["kl_sum"]), float(r["exact_sum"])] for r in reports]
+                            if contributes and reports else [[0.0, 0.0]], dtype=torch.float64)
+        total = sums.sum(0)
         dist.all_reduce(total)
-        loss = float(total) / global_tokens
+        loss, reverse_kl = (float(x) / global_tokens for x in total)
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"non-finite loss {loss}")
         _, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
-        return StepResult(loss=loss, grad_norm=grad_norm, response_tokens=int(global_tokens),
+        return StepResult(loss=loss, reverse_kl=reverse_kl, grad_norm=grad_norm, response_tokens=int(global_tokens),
                           teacher_seconds=teacher_seconds,
                           train_seconds=time.perf_counter() - start)

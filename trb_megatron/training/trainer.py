@@ -1,0 +1,177 @@
+"""The OPD/TRB training loop: prompts -> rollout (TRB blend during warmup) -> teacher scoring ->
+pipelined vocab-parallel reverse-KL step -> eps schedule -> metrics -> eval -> checkpoint.
+
+Randomness is a function of (seed, step): sampling noise is counter-based (trb.sample_tokens) and
+torch's generator is reseeded every step, so a resumed run continues bit for bit from the model,
+optimizer, step and prompt position stored in the checkpoint. SIGTERM (Slurm preemption) lets
+the current step finish, writes a checkpoint and returns "preempted".
+"""
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from trb_megatron.checkpoint.convert import load_megatron
+from trb_megatron.config import Config
+from trb_megatron.models.arch import ModelArch
+from trb_megatron.models.pairing import shared_vocab_layout
+from trb_megatron.parallel import detect_profile, initialize_parallel
+from trb_megatron.training.checkpointing import (latest_checkpoint, load_checkpoint,
+                                                 save_checkpoint)
+from trb_megatron.training.distill_step import DistillStep
+from trb_megatron.training.metrics import MetricsLog, rollout_statistics
+from trb_megatron.training.optim import learning_rate, set_learning_rate, wrap_and_optimize
+from trb_megatron.training.prompt_order import PromptOrder
+from trb_megatron.trb import EpsSchedule
+
+
+def check_layout(config: Config, world_size: int) -> None:
+    """Reject a parallel layout before any model is built, with the numbers."""
+    tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by TP={tp} x PP={pp}")
+    dp = world_size // (tp * pp)
+    if config.train.prompts_per_step % dp:
+        raise ValueError(f"train.prompts_per_step={config.train.prompts_per_step} is not "
+                         f"divisible by the data-parallel size {dp} (= world {world_size} / "
+                         f"(TP {tp} x PP {pp}))")
+    for role in ("student", "teacher"):
+        path = Path(getattr(config.model, role))
+        try:
+            ModelArch.from_hf_dir(path / "hf").check_parallel(tp, pp)
+        except ValueError as err:
+            raise ValueError(f"model.{role} ({path}): {err}") from None
+
+
+def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + dp_rank) & 0x7FFFFFFF
+
+
+class Trainer:
+    def __init__(self, config: Config, prompts, *, evaluate=None):
+        """prompts: token-id lists. evaluate: optional callable(step) -> dict of metrics."""
+        from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
+
+        self.config = config.validate()
+        check_layout(config, dist.get_world_size() if dist.is_initialized() else 1)
+        self.prompts, self.evaluate = [list(p) for p in prompts], evaluate
+        self.groups = initialize_parallel(
+            detect_profile(), tensor_parallel_size=config.parallel.tensor_parallel,
+            pipeline_parallel_size=config.parallel.pipeline_parallel, seed=config.train.seed)
+        self.vocab = shared_vocab_layout(Path(config.model.student) / "hf",
+                                         Path(config.model.teacher) / "hf")
+        _, student = load_megatron(config.model.student, self.groups, trainable=True)
+        _, self.teacher = load_megatron(config.model.teacher, self.groups)
+        self.ddp, self.optimizer = wrap_and_optimize(student, config.optim, self.groups)
+        self.distill = DistillStep(self.ddp, self.teacher, self.optimizer, self.groups,
+                                   self.vocab, estimator=config.loss.estimator,
+                                   topk=config.loss.topk,
+                                   micro_batch_size=config.train.micro_batch_size)
+        self.engine = MegatronRolloutEngine(self.ddp.module, self.teacher, self.groups,
+                                            vocab=self.vocab, pad_id=self.vocab.stop_ids[0],
+                                            solver_tol=config.trb.solver_tol)
+        self.eps = EpsSchedule(method=config.trb.method, eps0=config.trb.eps0,
+                               anneal_steps=config.trb.anneal_steps)
+        self.order = PromptOrder(len(self.prompts), config.train.seed)
+        self.step = 0
+        self.run_dir = Path(config.train.run_dir)
+        resume = latest_checkpoint(self.run_dir)
+        if resume is not None:
+            state = load_checkpoint(resume, self.ddp, self.optimizer)
+            self.step, self.order.position = state["step"], state["prompt_position"]
+        self.rank0 = dist.get_rank() == 0
+        self.metrics = MetricsLog(self.run_dir, enabled=self.rank0, resume_step=self.step,
+                                  tensorboard=config.logging.tensorboard,
+                                  wandb_project=config.logging.wandb_project or None,
+                                  run_name=self.run_dir.name)
+        if self.rank0:
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        self._stop_requested = False
+
+    def train_step(self) -> dict:
+        """One optimiser step at self.step; returns its metrics record."""
+        cfg = self.config
+        eps = self.eps(self.step)
+        torch.manual_seed(cfg.train.seed + self.step)
+        indices = self.order.take(cfg.train.prompts_per_step, self.groups.dp.rank(),
+                                  self.groups.dp.size())
+        start = time.perf_counter()
+        self.engine.sync_weights()
+        sync_s = time.perf_counter() - start
+        start = time.perf_counter()
+        batch = self.engine.generate(
+            [self.prompts[i] for i in indices], samples_per_prompt=cfg.rollout.samples_per_prompt,
+            max_new_tokens=cfg.rollout.max_new_tokens, eps=eps,
+            seed=rollout_seed(cfg.train.seed, self.step, self.groups.dp.rank()))
+        rollout_s = time.perf_counter() - start
+        lr = learning_rate(cfg.optim, self.step, cfg.train.steps)
+        set_learning_rate(self.optimizer, lr)
+        result = self.distill(batch)
+        stats = rollout_statistics(batch, self.groups.dp)
+        total_tokens = batch.tokens.numel() * self.groups.dp.size()
+        return {
+            "step": self.step, "eps": eps, "loss": result.loss,
+            "reverse_kl": result.reverse_kl,
+            **{k: v for k, v in stats.items() if k != "response_tokens"},
+            "rollout_tokens_per_s": stats["response_tokens"] / max(rollout_s, 1e-9),
+            "train_tokens_per_s": total_tokens / max(result.train_seconds, 1e-9),
+            "time_rollout_s": rollout_s, "time_teacher_s": result.teacher_seconds,
+            "time_train_s": result.train_seconds, "time_sync_s": sync_s,
+            "lr": lr, "grad_norm": result.grad_norm,
+        }
+
+    def _save(self):
+        return save_checkpoint(self.run_dir, self.step, self.ddp, self.optimizer,
+                               {"step": self.step, "prompt_position": self.order.position},
+                               self.config.model.student, self.config.train.keep_checkpoints)
+
+    def _preemption_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag)
+
+    def run(self) -> str:
+        """Train to config.train.steps; returns "done", or "preempted" after a SIGTERM."""
+        cfg = self.config.train
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.rank0),
+                   desc="distill")
+        try:
+            while self.step < cfg.steps:
+                try:
+                    record = self.train_step()
+                except FloatingPointError as err:
+                    last = latest_checkpoint(self.run_dir)
+                    raise RuntimeError(
+                        f"step {self.step}: {err}; stopping without saving. The last good "
+                        f"checkpoint ({last or 'none yet'}) is intact: lower optim.lr or check "
+                        "the data, then resume.") from None
+                self.step += 1
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps) \
+                        and self.evaluate is not None:
+                    record.update(self.evaluate(self.step))
+                self.metrics.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", eps=f"{record['eps']:.4f}",
+                                beta=f"{record['beta_mean']:.3f}")
+                preempted = self._preemption_requested()
+                if preempted or self.step == cfg.steps or (
+                        cfg.save_every and self.step % cfg.save_every == 0):
+                    self._save()
+                if preempted:
+                    return "preempted"
+            return "done"
+        finally:
+            bar.close()
+            self.metrics.close()
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_requested = True

@@ -35,12 +35,13 @@ STATS = ("token", "behaviour_logprob", "beta", "kl_to_student", "reverse_kl", "t
 
 
 def draw_blended(student_MV, teacher_MV, eps: float, *, seed: int, row_ids_M, group, vocab,
-                 fused: bool = False) -> torch.Tensor:
+                 tol: float = 1e-6, fused: bool = False) -> torch.Tensor:
     """Draw one token per row from the TRB blend; returns [M, K] float64 with columns STATS.
 
     student_MV, teacher_MV: [M, V] logits shards (vocabulary sharded over `group`); teacher_MV
     None means eps == 0: pure student, no solve (beta, KLs and feasibility are 0). Otherwise
-    beta is the largest beta with KL(mu_beta || pi_S) <= eps, and reverse_kl = KL(pi_S || pi_T).
+    beta is the largest beta with KL(mu_beta || pi_S) <= eps (up to the solver's `tol`), and
+    reverse_kl = KL(pi_S || pi_T).
     The token ids (exact in float64) and statistics are identical on every rank of `group`.
     """
     if teacher_MV is None:
@@ -49,7 +50,8 @@ def draw_blended(student_MV, teacher_MV, eps: float, *, seed: int, row_ids_M, gr
         zeros_M = torch.zeros_like(sampled.log_prob, dtype=torch.float64)
         return torch.stack([sampled.token_ids.double(), sampled.log_prob.double(), zeros_M,
                             zeros_M, zeros_M, zeros_M], dim=1)
-    solution = solve_beta(student_MV, teacher_MV, eps, group=group, vocab=vocab, fused=fused)
+    solution = solve_beta(student_MV, teacher_MV, eps, group=group, vocab=vocab, tol=tol,
+                          fused=fused)
     sampled = sample_tokens(student_MV, teacher_MV, solution.beta, seed=seed, row_ids=row_ids_M,
                             group=group, vocab=vocab)
     return torch.stack([sampled.token_ids.double(), sampled.log_prob.double(),
@@ -78,12 +80,14 @@ class MegatronRolloutEngine:
     ProcessGroupCollection of initialize_parallel. vocab: VocabLayout with the true vocab size
     and the stop ids (student's EOS first), e.g. models.pairing.shared_vocab_layout. pad_id:
     fills rows after they stop. max_batch_size: rows per decode batch (KV-cache memory grows
-    with it; None: all rows at once). fused_solver: compile the beta solver's pass (GPUs).
+    with it; None: all rows at once). solver_tol: absolute KL tolerance of the beta solver
+    (nats; KL(mu || pi_S) <= eps + solver_tol). fused_solver: compile the solver's pass (GPUs).
     Every rank of a model replica (its TP x PP ranks) calls generate() with the same request.
     """
 
     def __init__(self, student, teacher, groups, *, vocab: VocabLayout, pad_id: int,
-                 max_batch_size: int | None = None, fused_solver: bool = False):
+                 max_batch_size: int | None = None, solver_tol: float = 1e-6,
+                 fused_solver: bool = False):
         if not isinstance(vocab, VocabLayout) or vocab.size is None or not vocab.stop_ids:
             raise ValueError(
                 f"vocab must be a VocabLayout with the true vocab size and at least one stop id "
@@ -94,9 +98,12 @@ class MegatronRolloutEngine:
         if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(
                 max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be an int >= 1 or None, got {max_batch_size!r}")
+        if not solver_tol > 0:
+            raise ValueError(f"solver_tol must be > 0 (nats), got {solver_tol!r}")
         self.student, self.teacher, self.groups = student, teacher, groups
         self.vocab, self.pad_id = vocab, pad_id
-        self.max_batch_size, self.fused_solver = max_batch_size, fused_solver
+        self.max_batch_size = max_batch_size
+        self.solver_tol, self.fused_solver = solver_tol, fused_solver
         self.max_positions = min(student.max_sequence_length, teacher.max_sequence_length)
         self.device = next(student.parameters()).device
 
@@ -167,7 +174,7 @@ class MegatronRolloutEngine:
             drawn_MK = draw_blended(student_MV, teacher_MV, request.eps,
                                     seed=step_seed(request.seed, pos), row_ids_M=row_ids_M,
                                     group=self.groups.tp, vocab=self.vocab,
-                                    fused=self.fused_solver)
+                                    tol=self.solver_tol, fused=self.fused_solver)
         else:
             drawn_MK = torch.empty(len(row_ids_M), len(STATS), dtype=torch.float64,
                                    device=self.device)

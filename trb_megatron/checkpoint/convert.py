@@ -174,8 +174,10 @@ def load_megatron(megatron_dir, groups, *, params_dtype=None, trainable=False):
     arch = ModelArch.from_hf_dir(megatron_dir / "hf")
     dtype = params_dtype or getattr(torch, meta["params_dtype"])
     model = build_model(arch, detect_profile(), groups, trainable=trainable, params_dtype=dtype)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(megatron_dir / "model"))
-    model.load_state_dict(state)
+    sharded = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(sharded, str(megatron_dir / "model"))
+    # a training checkpoint also holds optimizer and trainer state: keep the model's entries
+    model.load_state_dict({key: loaded[key] for key in sharded})
     return arch, model
 
 

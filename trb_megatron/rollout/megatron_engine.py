@@ -44,6 +44,7 @@ def draw_blended(student_MV, teacher_MV, eps: float, *, seed: int, row_ids_M, gr
     reverse_kl = KL(pi_S || pi_T).
     The token ids (exact in float64) and statistics are identical on every rank of `group`.
     """
+    _check_finite(student_MV, group)
     if teacher_MV is None:
         sampled = sample_tokens(student_MV, None, seed=seed, row_ids=row_ids_M, group=group,
                                 vocab=vocab)
@@ -57,6 +58,16 @@ def draw_blended(student_MV, teacher_MV, eps: float, *, seed: int, row_ids_M, gr
     return torch.stack([sampled.token_ids.double(), sampled.log_prob.double(),
                         solution.beta.double(), solution.kl_to_student.double(),
                         solution.reverse_kl.double(), solution.teacher_feasible.double()], dim=1)
+
+
+def _check_finite(student_MV, group):
+    """A student whose logits overflow has diverged (a numerical failure, not bad input): raise
+    FloatingPointError on every rank of the group so the trainer can stop cleanly."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(student_MV).all()) else 1.0])
+    if group is not None:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    if bool(bad):
+        raise FloatingPointError("the student's logits are not finite during rollout")
 
 
 @contextlib.contextmanager

@@ -49,8 +49,10 @@ def check_layout(config: Config, world_size: int) -> None:
             raise ValueError(f"model.{role} ({path}): {err}") from None
 
 
-def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + dp_rank) & 0x7FFFFFFF
+def rollout_seed(seed: int, step: int) -> int:
+    """Sampling seed of a step; rows are told apart by their global position in the step's
+    prompts (prompt_offset), so rollouts do not depend on the data-parallel size."""
+    return (seed * 1_000_003 + step * 7_919) & 0x7FFFFFFF
 
 
 class Trainer:
@@ -109,7 +111,8 @@ class Trainer:
         batch = self.engine.generate(
             [self.prompts[i] for i in indices], samples_per_prompt=cfg.rollout.samples_per_prompt,
             max_new_tokens=cfg.rollout.max_new_tokens, eps=eps,
-            seed=rollout_seed(cfg.train.seed, self.step, self.groups.dp.rank()))
+            seed=rollout_seed(cfg.train.seed, self.step),
+            prompt_offset=self.groups.dp.rank() * len(indices))
         rollout_s = time.perf_counter() - start
         lr = learning_rate(cfg.optim, self.step, cfg.train.steps)
         set_learning_rate(self.optimizer, lr)

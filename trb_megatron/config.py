@@ -31,7 +31,7 @@ class ParallelConfig:
 @dataclasses.dataclass(kw_only=True)
 class TRBConfig:
     method: str = "trb"
-    """trb (eps0 annealed linearly to 0 over anneal_steps) | opd (eps = 0) | fixed_eps."""
+    """trb (eps0 annealed linearly to 0 over anneal_steps), opd (eps = 0) or fixed_eps."""
     eps0: float = 0.02
     """Initial trust-region budget KL(mu || pi_S) in nats (paper default 0.02)."""
     anneal_steps: int = 50
@@ -51,7 +51,7 @@ class RolloutConfig:
 @dataclasses.dataclass(kw_only=True)
 class LossConfig:
     estimator: str = "topk"
-    """full (exact reverse KL) | topk (the paper's student top-k support) | sampled (K1)."""
+    """full (exact reverse KL), topk (the paper's student top-k support) or sampled (K1)."""
     topk: int = 16
     """k of the topk estimator (paper: 16)."""
 
@@ -65,12 +65,15 @@ class OptimConfig:
     warmup_steps: int = 15
     """Linear warmup steps (paper: 15)."""
     decay_style: str = "constant"
-    """After warmup: constant (paper) | cosine (to min_lr at the last step)."""
+    """After warmup: constant (paper) or cosine (to min_lr at the last step)."""
     weight_decay: float = 0.01
     """Decoupled (AdamW) weight decay (paper: 0.01)."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
     adam_beta2: float = 0.999
+    """AdamW second-moment decay."""
     adam_eps: float = 1e-8
+    """AdamW denominator epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (paper: 1.0); 0 disables."""
     distributed_optimizer: bool = False

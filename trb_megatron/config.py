@@ -180,6 +180,42 @@ def from_dict(cls, data, prefix=""):
 def _coerce(value, kind, key):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, float, str, bool) and (type(value) is not kind):
         raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
     return value
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Apply dotted `key.sub=value` overrides (values parsed as YAML scalars) to nested dicts."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path, overrides=()) -> Config:
+    """Config from a YAML file plus dotted overrides, validated."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    return from_dict(Config, apply_overrides(data, overrides)).validate()

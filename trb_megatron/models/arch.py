@@ -44,6 +44,22 @@ class ModelArch:
         return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @classmethod
+    def of_model_dir(cls, path, fallback_dir=None) -> "ModelArch":
+        """The architecture of a Megatron checkpoint (PATH/hf/config.json) or a Hugging Face
+        directory (PATH/config.json); else, when given, FALLBACK_DIR/<name of PATH>.json (a
+        published config, for validating a layout without the weights)."""
+        path = Path(path)
+        for candidate in (path / "hf" / "config.json", path / "config.json"):
+            if candidate.is_file():
+                return cls.from_hf_config(json.loads(candidate.read_text()))
+        if fallback_dir is not None:
+            known = Path(fallback_dir) / f"{path.name.lower()}.json"
+            if known.is_file():
+                return cls.from_hf_config(json.loads(known.read_text()))
+        raise ValueError(f"{path} is neither a Megatron checkpoint nor a Hugging Face model "
+                         "directory (no hf/config.json or config.json)")
+
+    @classmethod
     def from_hf_dir(cls, hf_dir) -> "ModelArch":
         path = Path(hf_dir) / "config.json"
         if not path.is_file():

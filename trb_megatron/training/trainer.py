@@ -31,8 +31,8 @@ from trb_megatron.training.prompt_order import PromptOrder
 from trb_megatron.trb import EpsSchedule
 
 
-def check_layout(config: Config, world_size: int) -> None:
-    """Reject a parallel layout before any model is built, with the numbers."""
+def check_layout(config: Config, world_size: int, arch_fallback_dir=None) -> int:
+    """Reject a parallel layout before any model is built, with the numbers; returns DP."""
     tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by TP={tp} x PP={pp}")
@@ -44,9 +44,10 @@ def check_layout(config: Config, world_size: int) -> None:
     for role in ("student", "teacher"):
         path = Path(getattr(config.model, role))
         try:
-            ModelArch.from_hf_dir(path / "hf").check_parallel(tp, pp)
+            ModelArch.of_model_dir(path, arch_fallback_dir).check_parallel(tp, pp)
         except ValueError as err:
             raise ValueError(f"model.{role} ({path}): {err}") from None
+    return dp
 
 
 def rollout_seed(seed: int, step: int) -> int:

@@ -1,0 +1,65 @@
+"""Command-line entry of the distillation job: the only module that reads argv and the
+environment. examples/run_trb_distill.sh calls `main` on every rank (under torchrun) or once
+with DRY_RUN=1.
+
+    CONFIG=examples/configs/toy_cpu.yaml python examples/run_trb_distill.sh [key=value ...]
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from trb_megatron.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ROOT / "examples" / "configs" / "archs"
+DEFAULT_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
+
+
+def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
+    """Validate config and layout for nnodes x nproc_per_node ranks; return the plan text."""
+    from trb_megatron.models.arch import ModelArch
+    from trb_megatron.training.trainer import check_layout
+
+    world = nnodes * nproc_per_node
+    dp = check_layout(config, world, ARCHS)
+    tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+    share = config.train.prompts_per_step // dp
+    rows = share * config.rollout.samples_per_prompt
+    lines = [f"plan: {nnodes} node(s) x {nproc_per_node} ranks = {world}: TP={tp} x PP={pp} x "
+             f"DP={dp}", f"  per step: {config.train.prompts_per_step} prompts ({share} per "
+             f"DP rank) x {config.rollout.samples_per_prompt} samples = {rows} rollouts per "
+             f"DP rank, {-(-rows // config.train.micro_batch_size)} microbatches of "
+             f"{config.train.micro_batch_size}"]
+    for role in ("student", "teacher"):
+        path = getattr(config.model, role)
+        arch = ModelArch.of_model_dir(path, ARCHS)
+        lines.append(f"  {role}: {path} ({arch.family}, {arch.num_layers} layers, hidden "
+                     f"{arch.hidden_size}, {arch.num_heads} heads / {arch.num_kv_heads} KV, "
+                     f"vocab {arch.vocab_size} padded to {arch.padded_vocab_size}; "
+                     f"{arch.num_layers // pp} layers per stage)")
+    t = config.trb
+    schedule = {"trb": f"eps {t.eps0} annealed linearly to 0 over {t.anneal_steps} steps",
+                "opd": "eps = 0 (vanilla OPD)", "fixed_eps": f"eps fixed at {t.eps0}"}[t.method]
+    lines += [f"  method: {t.method}: {schedule}; loss {config.loss.estimator}"
+              f"{f' (k={config.loss.topk})' if config.loss.estimator == 'topk' else ''}",
+              f"  {config.train.steps} steps, lr {config.optim.lr}, run dir {config.train.run_dir}",
+              "layout OK"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config_path = os.environ.get("CONFIG") or str(DEFAULT_CONFIG)
+    try:
+        config = load_config(config_path, argv)
+        if os.environ.get("DRY_RUN") == "1":
+            print(dry_run(config, int(os.environ.get("NNODES", "1")),
+                          int(os.environ.get("NPROC_PER_NODE", "1"))))
+            return 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from trb_megatron.job import run_job
+
+    return run_job(config)

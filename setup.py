@@ -29,6 +29,8 @@ setup(
         "tqdm>=4.66",
         # dist_checkpointing needs psutil but megatron-core does not declare it.
         "psutil>=5.9",
+        # tools/plot_metrics.py and the toy benchmark's curves.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],

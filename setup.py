@@ -31,6 +31,8 @@ setup(
         "psutil>=5.9",
         # tools/plot_metrics.py and the toy benchmark's curves.
         "matplotlib>=3.8",
+        # the "math" answer verifier of trb_megatron.eval (its parse/verify keywords: 0.9.x).
+        "math-verify>=0.9.0,<0.10",
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],

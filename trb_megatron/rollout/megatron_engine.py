@@ -35,26 +35,27 @@ STATS = ("token", "behaviour_logprob", "beta", "kl_to_student", "reverse_kl", "t
 
 
 def draw_blended(student_MV, teacher_MV, eps: float, *, seed: int, row_ids_M, group, vocab,
-                 tol: float = 1e-6, fused: bool = False) -> torch.Tensor:
+                 tol: float = 1e-6, fused: bool = False, temperature: float = 1.0) -> torch.Tensor:
     """Draw one token per row from the TRB blend; returns [M, K] float64 with columns STATS.
 
     student_MV, teacher_MV: [M, V] logits shards (vocabulary sharded over `group`); teacher_MV
     None means eps == 0: pure student, no solve (beta, KLs and feasibility are 0). Otherwise
     beta is the largest beta with KL(mu_beta || pi_S) <= eps (up to the solver's `tol`), and
-    reverse_kl = KL(pi_S || pi_T).
+    reverse_kl = KL(pi_S || pi_T). temperature: tokens are drawn from softmax(log mu /
+    temperature) (0: greedy) and behaviour_logprob is their log-prob under it (trb.sample_tokens).
     The token ids (exact in float64) and statistics are identical on every rank of `group`.
     """
     _check_finite(student_MV, group)
     if teacher_MV is None:
         sampled = sample_tokens(student_MV, None, seed=seed, row_ids=row_ids_M, group=group,
-                                vocab=vocab)
+                                vocab=vocab, temperature=temperature)
         zeros_M = torch.zeros_like(sampled.log_prob, dtype=torch.float64)
         return torch.stack([sampled.token_ids.double(), sampled.log_prob.double(), zeros_M,
                             zeros_M, zeros_M, zeros_M], dim=1)
     solution = solve_beta(student_MV, teacher_MV, eps, group=group, vocab=vocab, tol=tol,
                           fused=fused)
     sampled = sample_tokens(student_MV, teacher_MV, solution.beta, seed=seed, row_ids=row_ids_M,
-                            group=group, vocab=vocab)
+                            group=group, vocab=vocab, temperature=temperature)
     return torch.stack([sampled.token_ids.double(), sampled.log_prob.double(),
                         solution.beta.double(), solution.kl_to_student.double(),
                         solution.reverse_kl.double(), solution.teacher_feasible.double()], dim=1)
@@ -87,7 +88,8 @@ class MegatronRolloutEngine:
     """Rollouts from this rank's student and teacher GPTModel stages (the RolloutEngine protocol).
 
     student, teacher: this rank's stages from models.build_model (student trainable, teacher
-    frozen), unwrapped (not DDP), with one TP/PP layout and one padded vocabulary. groups: the
+    frozen), unwrapped (not DDP), with one TP/PP layout and one padded vocabulary; teacher None
+    builds a student-only engine (evaluation), whose generate() accepts only eps == 0. groups: the
     ProcessGroupCollection of initialize_parallel. vocab: VocabLayout with the true vocab size
     and the stop ids (student's EOS first), e.g. models.pairing.shared_vocab_layout. pad_id:
     fills rows after they stop. max_batch_size: rows per decode batch (KV-cache memory grows
@@ -115,35 +117,45 @@ class MegatronRolloutEngine:
         self.vocab, self.pad_id = vocab, pad_id
         self.max_batch_size = max_batch_size
         self.solver_tol, self.fused_solver = solver_tol, fused_solver
-        self.max_positions = min(student.max_sequence_length, teacher.max_sequence_length)
+        self.max_positions = min(m.max_sequence_length for m in self._models())
         self.device = next(student.parameters()).device
+
+    def _models(self) -> list:
+        return [self.student] + ([] if self.teacher is None else [self.teacher])
 
     def sync_weights(self) -> None:
         """Nothing to do: the engine decodes the trainer's own student."""
 
     def generate(self, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
-                 max_new_tokens: int, eps: float, seed: int,
-                 prompt_offset: int = 0) -> RolloutBatch:
+                 max_new_tokens: int, eps: float, seed: int, prompt_offset: int = 0,
+                 temperature: float = 1.0) -> RolloutBatch:
         """Sample `samples_per_prompt` responses per prompt from the TRB blend with budget eps
-        (eps == 0: the student alone; the teacher does not run).
+        (eps == 0: the student alone; the teacher does not run; an engine without a teacher
+        accepts only eps == 0).
 
         prompts: token id sequences; seed: the same on every data-parallel rank;
         prompt_offset: global index of prompts[0] in this step's prompts across data-parallel
         ranks (rows are numbered (prompt_offset + i) * samples_per_prompt + s for the sampling
-        noise). Deterministic in (seed, row id, position) and independent of TP size and
-        batching. Returns the RolloutBatch on the models' device, identical on every rank of the
-        model replica; ValueError on invalid input.
+        noise). temperature: sample from softmax(log mu / temperature) (1: the blend itself, as
+        distillation needs; 0: greedy); the beta solve is unaffected. Deterministic in (seed,
+        row id, position) and independent of TP size and batching. Returns the RolloutBatch on
+        the models' device, identical on every rank of the model replica; ValueError on invalid
+        input.
         """
         request = RolloutRequest.build(
             prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
             eps=eps, seed=seed, prompt_offset=prompt_offset, vocab_size=self.vocab.size,
-            max_positions=self.max_positions)
+            max_positions=self.max_positions, temperature=temperature)
         request.check_same_on(self.groups.mp, self.device)
+        if self.teacher is None and request.eps > 0:
+            raise ValueError(f"eps={eps} needs the teacher, but this engine was built with "
+                             "teacher=None (student-only sampling); pass eps=0, or build the "
+                             "engine with the teacher model")
         tokens_BL = request.initial_tokens(self.pad_id).to(self.device)
         stats_BLK = torch.zeros(*tokens_BL.shape, len(STATS), dtype=torch.float64,
                                 device=self.device)
         drawn_BL = torch.zeros_like(tokens_BL, dtype=torch.bool)
-        with torch.no_grad(), _eval_mode(self.student, self.teacher):
+        with torch.no_grad(), _eval_mode(*self._models()):
             for rows_b in request.decode_batches(self.max_batch_size):
                 self._decode(request, rows_b.to(self.device), tokens_BL, stats_BLK, drawn_BL)
         return self._batch(request, tokens_BL, stats_BLK, drawn_BL)
@@ -185,7 +197,8 @@ class MegatronRolloutEngine:
             drawn_MK = draw_blended(student_MV, teacher_MV, request.eps,
                                     seed=step_seed(request.seed, pos), row_ids_M=row_ids_M,
                                     group=self.groups.tp, vocab=self.vocab,
-                                    tol=self.solver_tol, fused=self.fused_solver)
+                                    tol=self.solver_tol, fused=self.fused_solver,
+                                    temperature=request.temperature)
         else:
             drawn_MK = torch.empty(len(row_ids_M), len(STATS), dtype=torch.float64,
                                    device=self.device)

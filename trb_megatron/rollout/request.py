@@ -37,6 +37,7 @@ class RolloutRequest:
     eps: float
     seed: int
     prompt_offset: int
+    temperature: float
     prompt_index_B: torch.Tensor
     row_ids_B: torch.Tensor
     prompt_lengths_B: torch.Tensor
@@ -44,7 +45,7 @@ class RolloutRequest:
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
               max_new_tokens: int, eps: float, seed: int, prompt_offset: int, vocab_size: int,
-              max_positions: int) -> "RolloutRequest":
+              max_positions: int, temperature: float = 1.0) -> "RolloutRequest":
         """Validate a generate() call (ValueError naming the problem) and lay out its rows."""
         _check_int("samples_per_prompt", samples_per_prompt, minimum=1)
         _check_int("max_new_tokens", max_new_tokens, minimum=1)
@@ -53,6 +54,10 @@ class RolloutRequest:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
                 math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite float >= 0 (a KL budget in nats), got {eps!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite float >= 0 (1: sample the blend "
+                             f"itself, 0: greedy), got {temperature!r}")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt (a sequence of token ids)")
         tensors = tuple(_prompt_tensor(i, p, vocab_size) for i, p in enumerate(prompts))
@@ -69,7 +74,8 @@ class RolloutRequest:
         return cls(
             prompts=tensors, samples_per_prompt=samples_per_prompt,
             max_new_tokens=max_new_tokens, eps=float(eps), seed=seed,
-            prompt_offset=prompt_offset, prompt_index_B=prompt_index,
+            prompt_offset=prompt_offset, temperature=float(temperature),
+            prompt_index_B=prompt_index,
             row_ids_B=(prompt_offset + prompt_index) * samples_per_prompt + samples,
             prompt_lengths_B=lengths[prompt_index])
 
@@ -105,7 +111,8 @@ class RolloutRequest:
         if group is None or group.size() == 1:
             return
         described = repr(([p.tolist() for p in self.prompts], self.samples_per_prompt,
-                          self.max_new_tokens, self.eps, self.seed, self.prompt_offset))
+                          self.max_new_tokens, self.eps, self.seed, self.prompt_offset,
+                          self.temperature))
         digest = int.from_bytes(hashlib.blake2b(described.encode(), digest_size=7).digest(),
                                 "little")
         mine = torch.tensor([digest], dtype=torch.int64, device=device)
@@ -115,8 +122,8 @@ class RolloutRequest:
             raise ValueError(
                 "the ranks of one model replica (tensor- and pipeline-parallel peers) passed "
                 "different generate() requests; pass the same prompts, samples_per_prompt, "
-                "max_new_tokens, eps, seed and prompt_offset on all of them (shard prompts by "
-                "data-parallel rank, not by global rank)")
+                "max_new_tokens, eps, seed, prompt_offset and temperature on all of them (shard "
+                "prompts by data-parallel rank, not by global rank)")
 
 
 def _check_int(name: str, value, *, minimum: int | None = None) -> None:

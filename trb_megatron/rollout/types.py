@@ -42,10 +42,12 @@ class RolloutEngine(Protocol):
     """A rollout backend ("megatron": the trainer's own models; "sglang": an SGLang engine)."""
 
     def generate(self, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
-                 max_new_tokens: int, eps: float, seed: int) -> RolloutBatch:
+                 max_new_tokens: int, eps: float, seed: int, prompt_offset: int = 0,
+                 temperature: float = 1.0) -> RolloutBatch:
         """Sample `samples_per_prompt` responses per prompt from the TRB blend with budget
-        `eps` (pure student when eps == 0). Deterministic in `seed`; identical on every rank of
-        the tensor-parallel group."""
+        `eps` (pure student when eps == 0) at `temperature` (1: the blend itself, 0: greedy).
+        Deterministic in `seed` and each row's global id (prompt_offset + prompt index, times
+        samples_per_prompt, plus the sample); identical on every rank of the model replica."""
         ...
 
     def sync_weights(self) -> None:

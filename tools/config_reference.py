@@ -26,18 +26,30 @@ def _field_docs(cls) -> dict:
             and isinstance(nxt.value, ast.Constant)}
 
 
+def _unwrap(kind):
+    """DataConfig | None -> DataConfig; anything else unchanged."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else kind
+
+
+def _rows(cls, prefix):
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = _unwrap(hints[field.name])
+        if dataclasses.is_dataclass(kind):
+            optional = kind is not hints[field.name]
+            yield (f"| `{prefix}{field.name}` | {'optional section' if optional else 'section'}"
+                   f" | {docs.get(field.name, '')} |")
+            yield from _rows(kind, f"{prefix}{field.name}.")
+            continue
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = "required" if required else f"`{field.default!r}`"
+        yield f"| `{prefix}{field.name}` | {default} | {docs[field.name]} |"
+
+
 def reference_table() -> str:
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    hints = typing.get_type_hints(config.Config)
-    for section in dataclasses.fields(config.Config):
-        cls = hints[section.name]
-        docs = _field_docs(cls)
-        for field in dataclasses.fields(cls):
-            required = (field.default is dataclasses.MISSING
-                        and field.default_factory is dataclasses.MISSING)
-            default = "required" if required else f"`{field.default!r}`"
-            lines.append(f"| `{section.name}.{field.name}` | {default} | {docs[field.name]} |")
-    return "\n".join(lines) + "\n"
+    lines = ["| key | default | meaning |", "|---|---|---|", *_rows(config.Config, "")]
+    return "\n".join(line.replace("\\boxed", "\\\\boxed") for line in lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -7,17 +7,20 @@ the list of valid ones; values are type-checked against the annotations.
 
 import dataclasses
 import math
+import types
 import typing
 
+from trb_megatron.data import DataConfig
 from trb_megatron.trb import ESTIMATORS, METHODS
 
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
     student: str
-    """Megatron checkpoint directory of the student (tools/convert_hf.py hf-to-megatron)."""
+    """The student: a Hugging Face model directory (the job converts it once into
+    RUN/converted/student) or a Megatron checkpoint (tools/convert_hf.py, or a training one)."""
     teacher: str
-    """Megatron checkpoint directory of the frozen teacher (same tokenizer as the student)."""
+    """The frozen teacher, likewise; it must share the student's tokenizer."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -111,15 +114,53 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    data: DataConfig
+    """The held-out problems (answer_field required)."""
+    samples: int = 4
+    """Samples per problem; pass@1 is their mean correctness."""
+    max_new_tokens: int = 256
+    """Response length limit at evaluation (paper: 8192)."""
+    verifier: str = "math"
+    """math (math-verify on the last \\boxed{}), exact, or toy (the embedded toy task)."""
+    temperature: float = 1.0
+    """Sampling temperature (paper: 1.0); 0 is greedy."""
+    before_training: bool = True
+    """Also evaluate the student before training and the teacher, for the summary."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ToyConfig:
+    out_dir: str = "runs/toy_models"
+    """Where tools/make_toy_models.py's task, tokenizer and models are built (cached)."""
+    seed: int = 0
+    """Seed of the toy build (part of the cache key)."""
+
+
+@dataclasses.dataclass(kw_only=True)
 class Config:
     model: ModelConfig
+    """Student and teacher."""
     train: TrainConfig
+    """The loop: steps, batch, seed, run directory, checkpoints."""
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """Tensor and pipeline parallel sizes (data parallel = world / (TP x PP))."""
     trb: TRBConfig = dataclasses.field(default_factory=TRBConfig)
+    """The rollout trust region and its schedule."""
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    """Rollout sampling (temperature 1, no truncation)."""
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    """The per-prefix reverse-KL estimator."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """Optional TensorBoard and wandb (metrics.jsonl is always written)."""
+    data: DataConfig | None = None
+    """Training prompts (required by the job; the Trainer API takes token ids directly)."""
+    eval: EvalConfig | None = None
+    """Evaluation; none: no accuracy is measured."""
+    toy: ToyConfig | None = None
+    """Build the embedded toy task and models before the job (cached)."""
 
     def validate(self) -> "Config":
         checks = [
@@ -147,6 +188,10 @@ class Config:
             ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, ">= 1"),
             ("train.eval_every", self.train.eval_every >= 0, ">= 0"),
         ]
+        if self.eval is not None:
+            checks += [("eval.samples", self.eval.samples >= 1, ">= 1"),
+                       ("eval.max_new_tokens", self.eval.max_new_tokens >= 1, ">= 1"),
+                       ("eval.temperature", self.eval.temperature >= 0, ">= 0")]
         bad = [f"{name} must be {rule}" for name, ok, rule in checks if not ok]
         if bad:
             raise ValueError("invalid config: " + "; ".join(bad))
@@ -166,6 +211,12 @@ def from_dict(cls, data, prefix=""):
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
+        optional = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(optional) == 1:
+            if value is None:
+                kwargs[name] = None
+                continue
+            kind = optional[0]
         if dataclasses.is_dataclass(kind):
             kwargs[name] = from_dict(kind, value, f"{prefix}{name}.")
         else:

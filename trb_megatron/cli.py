@@ -22,7 +22,8 @@ def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
     from trb_megatron.training.trainer import check_layout
 
     world = nnodes * nproc_per_node
-    dp = check_layout(config, world, ARCHS)
+    toy_pending = config.toy is not None and not Path(config.model.student).exists()
+    dp = check_layout(config, world, ARCHS, check_models=not toy_pending)
     tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
     share = config.train.prompts_per_step // dp
     rows = share * config.rollout.samples_per_prompt
@@ -31,7 +32,10 @@ def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
              f"DP rank) x {config.rollout.samples_per_prompt} samples = {rows} rollouts per "
              f"DP rank, {-(-rows // config.train.micro_batch_size)} microbatches of "
              f"{config.train.micro_batch_size}"]
-    for role in ("student", "teacher"):
+    if toy_pending:
+        lines.append(f"  models: the toy models are built into {config.toy.out_dir} when the "
+                     "run starts (their layout checks run then)")
+    for role in ("student", "teacher") if not toy_pending else ():
         path = getattr(config.model, role)
         arch = ModelArch.of_model_dir(path, ARCHS)
         lines.append(f"  {role}: {path} ({arch.family}, {arch.num_layers} layers, hidden "

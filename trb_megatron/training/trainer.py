@@ -31,8 +31,10 @@ from trb_megatron.training.prompt_order import PromptOrder
 from trb_megatron.trb import EpsSchedule
 
 
-def check_layout(config: Config, world_size: int, arch_fallback_dir=None) -> int:
-    """Reject a parallel layout before any model is built, with the numbers; returns DP."""
+def check_layout(config: Config, world_size: int, arch_fallback_dir=None, *,
+                 check_models=True) -> int:
+    """Reject a parallel layout before any model is built, with the numbers; returns DP.
+    check_models=False skips the checks that need the models' configs."""
     tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by TP={tp} x PP={pp}")
@@ -41,7 +43,7 @@ def check_layout(config: Config, world_size: int, arch_fallback_dir=None) -> int
         raise ValueError(f"train.prompts_per_step={config.train.prompts_per_step} is not "
                          f"divisible by the data-parallel size {dp} (= world {world_size} / "
                          f"(TP {tp} x PP {pp}))")
-    for role in ("student", "teacher"):
+    for role in ("student", "teacher") if check_models else ():
         path = Path(getattr(config.model, role))
         try:
             ModelArch.of_model_dir(path, arch_fallback_dir).check_parallel(tp, pp)

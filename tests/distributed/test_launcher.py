@@ -1,0 +1,106 @@
+"""The main job end to end through both launcher forms exactly as users type them, on a
+miniature toy (2 gloo processes, TP=2, 2 steps), plus DRY_RUN for 4 nodes x 8 GPUs and config
+errors from the command line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "examples" / "run_trb_distill.sh"
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mini_config(tmp_path_factory):
+    from trb_megatron.toy.build import ToyBuildSpec, build_toy_models
+
+    root = tmp_path_factory.mktemp("mini")
+    toy = root / "toy"
+    build_toy_models(toy, ToyBuildSpec(n_train=256, n_test=16, n_val=16, batch_size=32,
+                                       teacher_steps=20, teacher_eval_every=10,
+                                       student_max_steps=10, student_eval_every=5),
+                     log=lambda *a: None)
+    config = yaml.safe_load((ROOT / "examples" / "configs" / "toy_cpu.yaml").read_text())
+    del config["toy"]
+    config["model"] = {"student": str(toy / "student"), "teacher": str(toy / "teacher")}
+    config["data"]["path_or_name"] = str(toy / "data" / "train.jsonl")
+    config["eval"]["data"].update(path_or_name=str(toy / "data" / "test.jsonl"), limit=4)
+    config["train"].update(steps=2, prompts_per_step=4, eval_every=2, save_every=1,
+                           progress=False)
+    path = root / "mini.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root, path
+
+
+def _env(config, **extra):
+    return {**os.environ, "CONFIG": str(config), "MASTER_PORT": _port(), **extra}
+
+
+def _check_run(run_dir: Path, output: str):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1], output
+    assert records[0]["eps"] == 0.1 and "eval/accuracy" in records[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "done"
+    assert {"teacher_accuracy", "student_accuracy_before", "student_accuracy_after"} <= set(summary)
+    assert summary["max_kl_minus_eps"] <= 1e-6
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+def test_bash_form(mini_config):
+    root, config = mini_config
+    run_dir = root / "bash-run"
+    done = subprocess.run(["bash", str(LAUNCHER), f"train.run_dir={run_dir}"],
+                          env=_env(config), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _check_run(run_dir, done.stdout)
+    assert "summary:" in done.stdout
+
+
+def test_torchrun_form(mini_config):
+    root, config = mini_config
+    run_dir = root / "torchrun-run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", _port(), str(LAUNCHER), f"train.run_dir={run_dir}",
+               "trb.method=trb"]
+    done = subprocess.run(command, env=_env(config, OMP_NUM_THREADS="1"), cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _check_run(run_dir, done.stdout)
+
+
+def test_dry_run_for_four_nodes_of_eight_gpus():
+    env = {**os.environ, "DRY_RUN": "1", "NNODES": "4", "NPROC_PER_NODE": "8",
+           "CONFIG": str(ROOT / "examples" / "configs" / "qwen3_1p7b_from_8b.yaml")}
+    done = subprocess.run(["bash", str(LAUNCHER)], env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "32: TP=2 x PP=1 x DP=16" in done.stdout and "layout OK" in done.stdout
+    bad = subprocess.run(["bash", str(LAUNCHER), "parallel.pipeline_parallel=5"], env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "world size 32 is not divisible by TP=2 x PP=5" in bad.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trb.eps=0.1", "unknown key(s) trb.eps; valid keys of trb: anneal_steps, eps0"),
+    ("train.steps=many", "train.steps must be int, got 'many'"),
+    ("loss.estimator=forward", "loss.estimator must be one of"),
+])
+def test_config_errors_name_the_key(override, message):
+    env = {**os.environ, "DRY_RUN": "1",
+           "CONFIG": str(ROOT / "examples" / "configs" / "qwen3_0p6b_from_4b.yaml")}
+    done = subprocess.run(["bash", str(LAUNCHER), override], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr

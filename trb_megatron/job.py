@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from trb_megatron.checkpoint.convert import META, hf_to_megatron
+from trb_megatron.checkpoint.convert import META, hf_to_megatron, source_fingerprint
 from trb_megatron.config import Config
 from trb_megatron.data import load_prompts, load_tokenizer, tokenizer_path
 from trb_megatron.parallel import detect_profile
@@ -27,7 +27,9 @@ def _megatron_dir(path, converted: Path) -> str:
         raise ValueError(f"{path} is neither a Megatron checkpoint ({META}) nor a Hugging Face "
                          "model directory (config.json)")
     done = converted / META
-    if not done.is_file() or json.loads(done.read_text())["source"] != str(path.resolve()):
+    meta = json.loads(done.read_text()) if done.is_file() else {}
+    if (meta.get("source"), meta.get("source_fingerprint")) != (str(path.resolve()),
+                                                               source_fingerprint(path)):
         hf_to_megatron(path, converted, overwrite=True, progress=dist.get_rank() == 0)
     return str(converted)
 

@@ -86,6 +86,20 @@ def staged_output(out_dir, overwrite: bool):
     _barrier()
 
 
+def source_fingerprint(hf_dir) -> str:
+    """Identity of a Hugging Face directory's contents (names, sizes and mtimes of its config
+    and weight files), recorded at conversion so a cached conversion of a changed source is
+    detected."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(hf_dir).glob("*")):
+        if path.suffix in (".safetensors", ".json"):
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
 def _copy_side_files(src: Path, dst: Path):
     dst.mkdir(parents=True, exist_ok=True)
     for name in SIDE_FILES:
@@ -161,7 +175,8 @@ def hf_to_megatron(hf_dir, out_dir, *, overwrite=False, progress=True):
         if _rank0():
             _copy_side_files(hf_dir, stage / "hf")
             meta = {"format_version": FORMAT_VERSION, "params_dtype": _dtype_name(dtype),
-                    "source": str(hf_dir.resolve())}
+                    "source": str(hf_dir.resolve()),
+                    "source_fingerprint": source_fingerprint(hf_dir)}
             (stage / META).write_text(json.dumps(meta, indent=2))
 
 

@@ -53,7 +53,8 @@ def _check_run(run_dir: Path, output: str, evaluated: bool):
     assert [r["step"] for r in records] == [0, 1], output
     assert records[0]["eps"] == 0.1 and ("eval/accuracy" in records[1]) == evaluated
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "done" and summary["max_kl_minus_eps"] <= 1e-6
+    assert summary["status"] == "done"
+    assert summary["max_kl_minus_eps"] <= 1e-6 + 1e-8  # solver tol; KLs are stored in fp32
     accuracies = {"teacher_accuracy", "student_accuracy_before", "student_accuracy_after"}
     assert accuracies <= set(summary) if evaluated else not accuracies & set(summary)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"

@@ -34,6 +34,10 @@ setup(
         # the "math" answer verifier of trb_megatron.eval (its parse/verify keywords: 0.9.x).
         "math-verify>=0.9.0,<0.10",
     ],
+    # SGLang's scheduler processes call this at startup (load_plugins): it registers the TRB
+    # composite model class and its hooks; nothing is imported unless sglang runs.
+    entry_points={"sglang.srt.plugins": [
+        "trb_megatron = trb_megatron.sglang_plugin.model:register"]},
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
         "sglang": ["sglang==0.5.23"],

@@ -44,11 +44,37 @@ class TRBConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class SGLangConfig:
+    mode: str = "colocated"
+    """colocated (an offline engine per model replica on the trainer's GPUs) or disaggregated
+    (separately launched servers, weights broadcast over a NCCL weight-update group)."""
+    servers: str = ""
+    """disaggregated: comma-separated server URLs (http://host:port), one or more."""
+    update_master: str = ""
+    """disaggregated: host:port where trainer rank 0 hosts the weight-update group."""
+    mem_fraction: float = 0.5
+    """GPU memory fraction SGLang reserves for weights and KV cache (mem_fraction_static)."""
+    max_running_requests: int = 256
+    """Rows decoded at once; also the composite model's static buffers and CUDA-graph size."""
+    solver_iterations: int = 10
+    """Fixed Newton iterations of the in-graph beta solve (tests: 10 reach solve_beta on
+    peaked logits; fewer return a smaller, still feasible beta)."""
+    bucket_mib: int = 512
+    """Weight-update bucket size in MiB (bounds the extra memory of a push)."""
+    attention_backend: str = "fa3"
+    """fa3 or triton (FlashInfer plans for one head count; the composite model has two)."""
+
+
+@dataclasses.dataclass(kw_only=True)
 class RolloutConfig:
     samples_per_prompt: int = 4
     """Rollouts per prompt (paper: 4)."""
     max_new_tokens: int = 256
     """Response length limit (paper: 7168)."""
+    backend: str = "megatron"
+    """megatron (the trainer's own models, CPU or GPU) or sglang (needs the sglang extra)."""
+    sglang: SGLangConfig = dataclasses.field(default_factory=SGLangConfig)
+    """Settings of the sglang backend (ignored by the megatron backend)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -172,6 +198,8 @@ class Config:
             ("trb.solver_tol", self.trb.solver_tol > 0, "> 0"),
             ("rollout.samples_per_prompt", self.rollout.samples_per_prompt >= 1, ">= 1"),
             ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
+            ("rollout.backend", self.rollout.backend in ("megatron", "sglang"),
+             "megatron or sglang"),
             ("loss.estimator", self.loss.estimator in ESTIMATORS, f"one of {ESTIMATORS}"),
             ("loss.topk", self.loss.topk >= 1, ">= 1"),
             ("optim.lr", self.optim.lr > 0, "> 0"),
@@ -192,10 +220,33 @@ class Config:
             checks += [("eval.samples", self.eval.samples >= 1, ">= 1"),
                        ("eval.max_new_tokens", self.eval.max_new_tokens >= 1, ">= 1"),
                        ("eval.temperature", self.eval.temperature >= 0, ">= 0")]
+        if self.rollout.backend == "sglang":
+            checks += _sglang_checks(self.rollout.sglang, self.parallel)
         bad = [f"{name} must be {rule}" for name, ok, rule in checks if not ok]
         if bad:
             raise ValueError("invalid config: " + "; ".join(bad))
         return self
+
+
+def _sglang_checks(sg: SGLangConfig, parallel: ParallelConfig) -> list:
+    disaggregated = sg.mode == "disaggregated"
+    return [
+        ("rollout.sglang.mode", sg.mode in ("colocated", "disaggregated"),
+         "colocated or disaggregated"),
+        ("rollout.sglang.servers", bool(sg.servers.strip()) == disaggregated,
+         "set (comma-separated URLs) exactly when mode is disaggregated"),
+        ("rollout.sglang.update_master", bool(sg.update_master.strip()) == disaggregated
+         and (not disaggregated or sg.update_master.rpartition(":")[2].isdigit()),
+         "host:port exactly when mode is disaggregated"),
+        ("rollout.sglang.mem_fraction", 0 < sg.mem_fraction < 1, "in (0, 1)"),
+        ("rollout.sglang.max_running_requests", sg.max_running_requests >= 1, ">= 1"),
+        ("rollout.sglang.solver_iterations", sg.solver_iterations >= 1, ">= 1"),
+        ("rollout.sglang.bucket_mib", sg.bucket_mib >= 1, ">= 1"),
+        ("rollout.sglang.attention_backend", sg.attention_backend in ("fa3", "triton"),
+         "fa3 or triton"),
+        ("parallel.pipeline_parallel", parallel.pipeline_parallel == 1,
+         "1 with rollout.backend=sglang (weights are pushed from one pipeline stage)"),
+    ]
 
 
 def from_dict(cls, data, prefix=""):

@@ -54,3 +54,8 @@ class RolloutEngine(Protocol):
         """Make the engine sample from the trainer's current student weights (a no-op for the
         megatron backend, which decodes the trainer's own model)."""
         ...
+
+    def release_teacher(self) -> None:
+        """eps has reached 0 for good (every eps schedule is non-increasing): the engine may
+        free the teacher and sample from the student alone from now on."""
+        ...

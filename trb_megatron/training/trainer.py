@@ -22,6 +22,7 @@ from trb_megatron.config import Config
 from trb_megatron.models.arch import ModelArch
 from trb_megatron.models.pairing import shared_vocab_layout
 from trb_megatron.parallel import detect_profile, initialize_parallel
+from trb_megatron.sglang_plugin.version import require_sglang
 from trb_megatron.training.checkpointing import (latest_checkpoint, load_checkpoint,
                                                  save_checkpoint)
 from trb_megatron.training.distill_step import DistillStep
@@ -61,9 +62,9 @@ def rollout_seed(seed: int, step: int) -> int:
 class Trainer:
     def __init__(self, config: Config, prompts, *, evaluate=None):
         """prompts: token-id lists. evaluate: optional callable(step) -> dict of metrics."""
-        from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
-
         self.config = config.validate()
+        if config.rollout.backend == "sglang":
+            require_sglang()  # before any model is built; names the extra to install
         check_layout(config, dist.get_world_size() if dist.is_initialized() else 1)
         self.prompts, self.evaluate = [list(p) for p in prompts], evaluate
         self.groups = initialize_parallel(
@@ -78,9 +79,7 @@ class Trainer:
                                    self.vocab, estimator=config.loss.estimator,
                                    topk=config.loss.topk,
                                    micro_batch_size=config.train.micro_batch_size)
-        self.engine = MegatronRolloutEngine(self.ddp.module, self.teacher, self.groups,
-                                            vocab=self.vocab, pad_id=self.vocab.stop_ids[0],
-                                            solver_tol=config.trb.solver_tol)
+        self.engine = self._rollout_engine()
         self.eps = EpsSchedule(method=config.trb.method, eps0=config.trb.eps0,
                                anneal_steps=config.trb.anneal_steps)
         self.order = PromptOrder(len(self.prompts), config.train.seed)
@@ -100,10 +99,29 @@ class Trainer:
                 yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         self._stop_requested = False
 
+    def _rollout_engine(self):
+        cfg = self.config
+        if cfg.rollout.backend == "megatron":
+            from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
+
+            return MegatronRolloutEngine(self.ddp.module, self.teacher, self.groups,
+                                         vocab=self.vocab, pad_id=self.vocab.stop_ids[0],
+                                         solver_tol=cfg.trb.solver_tol)
+        from trb_megatron.rollout.sglang_engine import SGLangRolloutEngine, hf_source_dir
+
+        student_dir = hf_source_dir(cfg.model.student)
+        return SGLangRolloutEngine(
+            self.ddp.module, ModelArch.from_hf_dir(student_dir), self.groups,
+            settings=cfg.rollout.sglang, student_dir=student_dir,
+            teacher_dir=hf_source_dir(cfg.model.teacher), vocab=self.vocab,
+            pad_id=self.vocab.stop_ids[0], seed=cfg.train.seed)
+
     def train_step(self) -> dict:
         """One optimiser step at self.step; returns its metrics record."""
         cfg = self.config
         eps = self.eps(self.step)
+        if eps == 0:  # every schedule is non-increasing: the teacher is done with rollouts
+            self.engine.release_teacher()
         torch.manual_seed(cfg.train.seed + self.step)
         indices = self.order.take(cfg.train.prompts_per_step, self.groups.dp.rank(),
                                   self.groups.dp.size())

@@ -1,0 +1,322 @@
+"""The pure parts of the SGLang rollout backend, on CPU without sglang: the graph-safe fixed-
+iteration solver against trb.solve_beta, the blended logits against trb.blended_log_probs,
+weight-name routing and teacher vocabulary alignment, eps plumbing, the composite model's
+override arguments, request building and RolloutBatch assembly (EOS canonicalisation as in the
+megatron backend), the version pin, and that the plugin fails clearly without sglang.
+
+Run: .venv/bin/python -m pytest tests/unit/test_sglang_backend.py -q
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from tests.cases import logit_cases
+from trb_megatron.rollout.request import RolloutRequest
+from trb_megatron.rollout.sglang_engine import engine_kwargs
+from trb_megatron.rollout.sglang_requests import assemble_batch, prompt_ids, sampling_params
+from trb_megatron.rollout.weight_sync import buckets
+from trb_megatron.sglang_plugin.composite_config import (TRBSettings, composite_overrides,
+                                                         read_settings)
+from trb_megatron.sglang_plugin.eps import EPS_KEY, fill_eps_rows, request_eps
+from trb_megatron.sglang_plugin.version import (SGLANG_VERSION, SGLangUnavailable,
+                                                check_version, require_sglang)
+from trb_megatron.sglang_plugin.weights import TEACHER_PREFIX, align_vocab_rows, route
+from trb_megatron.trb import VocabLayout, blended_log_probs, solve_beta
+from trb_megatron.trb.static_blend import (StaticVocab, blended_logits_static,
+                                           solve_beta_static)
+
+LAYOUT = VocabLayout(size=93, stop_ids=(90, 2))  # padding columns 93..96, two stop tokens
+EPSILONS = (0.0, 1e-3, 1e-2, 0.1, 1e9)
+SGLANG_MISSING = importlib.util.find_spec("sglang") is None
+
+
+def _vocab(width=97):
+    return StaticVocab.build(rank=0, world=1, width=width, layout=LAYOUT)
+
+
+@pytest.mark.parametrize("name", sorted(logit_cases()))
+def test_fixed_iteration_solver_matches_solve_beta(name):
+    """Enough iterations: beta equals solve_beta's (float64 to 1e-7, float32 to 1e-4); any
+    count: KL(mu || pi_S) <= eps + tol and beta does not exceed solve_beta's."""
+    s, t = logit_cases()[name]
+    for eps in EPSILONS:
+        ref = solve_beta(s, t, eps, vocab=LAYOUT)
+        eps_N = torch.full((s.shape[0],), eps)
+        for dtype, tol, beta_tol in ((torch.float64, 1e-6, 1e-7), (torch.float32, 1e-5, 1e-4)):
+            got = solve_beta_static(s, t, eps_N, vocab=_vocab(), iterations=12, dtype=dtype,
+                                    tol=tol)
+            torch.testing.assert_close(got.beta.double(), ref.beta, atol=beta_tol, rtol=0)
+            torch.testing.assert_close(got.reverse_kl.double(), ref.reverse_kl, atol=1e-5,
+                                       rtol=1e-5)
+            assert (got.kl_to_student.double() <= eps + tol).all()
+        few = solve_beta_static(s, t, eps_N, vocab=_vocab(), iterations=2, dtype=torch.float64)
+        assert (few.kl_to_student <= eps + 1e-6).all()
+        assert (few.beta <= ref.beta + 1e-6).all()  # equal up to the acceptance window
+        assert torch.equal(few.beta == 1, ref.teacher_feasible)
+        if eps == 0:
+            assert (few.beta == 0).all() and (few.kl_to_student == 0).all()
+
+
+def test_fixed_iteration_solver_takes_per_row_budgets():
+    s, t = logit_cases()["random"]
+    eps_N = torch.tensor([0.0, 1e-3, 1e-2, 0.1, 1e9, 0.05])
+    got = solve_beta_static(s, t, eps_N, vocab=_vocab(), iterations=12, dtype=torch.float64)
+    for row, eps in enumerate(eps_N.tolist()):
+        ref = solve_beta(s[row:row + 1], t[row:row + 1], eps, vocab=LAYOUT)
+        assert abs(float(got.beta[row]) - float(ref.beta[0])) < 1e-7
+
+
+def test_blended_logits_are_log_mu_up_to_a_row_constant():
+    """log_softmax of the static blend = trb.blended_log_probs (stops merged into the
+    student's EOS, merged-away stop and padding columns -inf); beta ignored without teacher."""
+    s, t = logit_cases()["peaked"]
+    beta = torch.linspace(0, 1, s.shape[0])
+    got = torch.log_softmax(blended_logits_static(s, t, beta, vocab=_vocab()).double(), dim=1)
+    want = blended_log_probs(s, t, beta, vocab=LAYOUT, dtype=torch.float64)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=0)
+    assert torch.isinf(got[:, [2, 93, 96]]).all()  # merged-away stop, padding
+    alone = torch.log_softmax(blended_logits_static(s, None, None, vocab=_vocab()).double(), 1)
+    want = blended_log_probs(s, None, 0.0, vocab=LAYOUT, dtype=torch.float64)
+    torch.testing.assert_close(alone[finite], want[finite], atol=1e-5, rtol=0)
+
+
+def test_static_vocab_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="vocab size 200 must be in"):
+        StaticVocab.build(rank=0, world=2, width=48, layout=VocabLayout(size=200))
+    with pytest.raises(ValueError, match="stop ids"):
+        StaticVocab.build(rank=0, world=1, width=97, layout=VocabLayout(size=93, stop_ids=(95,)))
+    second = StaticVocab.build(rank=1, world=2, width=50, layout=LAYOUT)
+    assert second.offset == 50 and second.stops == ((0, 40),)
+    assert second.excluded[43:].all() and not second.excluded[:43].any()
+
+
+def test_weight_names_route_by_teacher_prefix():
+    assert route("teacher.model.layers.0.mlp.up_proj.weight") == (
+        "teacher", "model.layers.0.mlp.up_proj.weight")
+    assert route("model.embed_tokens.weight") == ("student", "model.embed_tokens.weight")
+    assert route("lm_head.weight") == ("student", "lm_head.weight")
+    assert TEACHER_PREFIX == "teacher."
+
+
+def test_teacher_vocabulary_rows_are_aligned_to_the_student():
+    table = torch.arange(12.0).view(6, 2)
+    padded = align_vocab_rows("lm_head.weight", table, rows=8, true_size=5)
+    assert padded.shape == (8, 2) and torch.equal(padded[:6], table) and (padded[6:] == 0).all()
+    sliced = align_vocab_rows("model.embed_tokens.weight", table, rows=5, true_size=5)
+    assert torch.equal(sliced, table[:5])
+    other = align_vocab_rows("model.norm.weight", table, rows=8, true_size=5)
+    assert other is table
+    with pytest.raises(ValueError, match="fewer than the 7 tokens"):
+        align_vocab_rows("lm_head.weight", table, rows=8, true_size=7)
+
+
+def test_eps_comes_from_custom_params_with_a_default():
+    assert request_eps({EPS_KEY: 0.02}, 0.5) == 0.02
+    assert request_eps(None, 0.5) == 0.5 and request_eps({"other": 1}, 0.0) == 0.0
+    for bad in (-1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="trb_eps"):
+            request_eps({EPS_KEY: bad}, 0.0)
+    buffer = torch.full((5,), 7.0)
+    fill_eps_rows(buffer, [{EPS_KEY: 0.1}, None, {EPS_KEY: 0.0}], 3, default=0.01)
+    torch.testing.assert_close(buffer, torch.tensor([0.1, 0.01, 0.0, 0.0, 0.0]))
+    fill_eps_rows(buffer, None, 2, default=0.3)
+    torch.testing.assert_close(buffer, torch.tensor([0.3, 0.3, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="exceeds the eps buffer"):
+        fill_eps_rows(buffer, None, 6, default=0.0)
+
+
+def _settings(**kw):
+    base = dict(student_architecture="Qwen3ForCausalLM", student_layers=2, teacher_path="/t",
+                vocab_size=120, stop_ids=(1, 5), iterations=10, max_rows=64)
+    return TRBSettings(**{**base, **kw})
+
+
+def _cfg(layers, kv=2, head_dim=16, **kw):
+    return {"architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": layers,
+            "num_attention_heads": 4, "num_key_value_heads": kv, "head_dim": head_dim,
+            "hidden_size": 32, "vocab_size": 120, **kw}
+
+
+def test_composite_overrides_share_one_kv_pool():
+    overrides = composite_overrides(_cfg(2), _cfg(3), _settings())
+    assert overrides["architectures"] == ["TRBForCausalLM"]
+    assert overrides["num_hidden_layers"] == 5
+    assert read_settings(types.SimpleNamespace(**overrides)) == _settings()
+    assert composite_overrides(_cfg(2), None, _settings()) == {}
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        composite_overrides(_cfg(2), _cfg(3, kv=4), _settings())
+    with pytest.raises(ValueError, match="head_dim"):
+        composite_overrides(_cfg(2), _cfg(3, head_dim=8), _settings())
+    with pytest.raises(ValueError, match="'trb' section"):
+        read_settings(types.SimpleNamespace())
+
+
+def test_engine_arguments(tmp_path):
+    from trb_megatron.config import SGLangConfig
+
+    for role, layers in (("s", 2), ("t", 3)):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "config.json").write_text(json.dumps(_cfg(layers)))
+    vocab = VocabLayout(size=120, stop_ids=(1, 5))
+    kw = engine_kwargs(SGLangConfig(), student_dir=tmp_path / "s", teacher_dir=tmp_path / "t",
+                       vocab=vocab, tp_size=2, seed=3)
+    overrides = json.loads(kw["json_model_override_args"])
+    assert overrides["num_hidden_layers"] == 5 and overrides["trb"]["teacher_path"] == str(
+        tmp_path / "t")
+    assert overrides["trb"]["stop_ids"] == [1, 5] and overrides["trb"]["max_rows"] == 256
+    assert kw["tp_size"] == 2 and kw["enable_custom_logit_processor"]
+    assert kw["disable_prefill_cuda_graph"] and kw["enable_memory_saver"]
+    student = engine_kwargs(SGLangConfig(mode="disaggregated"), student_dir=tmp_path / "s",
+                            teacher_dir=None, vocab=vocab, tp_size=1, seed=3)
+    assert student["json_model_override_args"] == "{}"
+    assert not student["disable_prefill_cuda_graph"] and not student["enable_memory_saver"]
+
+
+PROMPTS = ([2, 17, 33], [2, 9])
+EOS, TEACHER_EOS, PAD = 1, 5, 0
+VOCAB = VocabLayout(size=120, stop_ids=(EOS, TEACHER_EOS))
+
+
+def _request(eps=0.02, max_new=4):
+    return RolloutRequest.build(PROMPTS, samples_per_prompt=2, max_new_tokens=max_new, eps=eps,
+                                seed=11, prompt_offset=3, vocab_size=120, max_positions=64)
+
+
+def _output(tokens, finish, eps=True):
+    meta = {"output_token_logprobs": [(-0.5 - 0.1 * i, tok, None)
+                                      for i, tok in enumerate(tokens)],
+            "finish_reason": {"type": finish}}
+    if eps:
+        meta.update(trb_beta=[1.0] + [0.25] * (len(tokens) - 1),
+                    trb_kl=[0.003] * len(tokens), trb_reverse_kl=[0.01] * len(tokens))
+    return {"output_ids": list(tokens), "meta_info": meta}
+
+
+def test_requests_sample_the_blend_with_per_row_seeds_and_budgets():
+    params = sampling_params(_request(), VOCAB)
+    assert len(params) == 4
+    for p in params:
+        assert (p["temperature"], p["top_p"], p["top_k"], p["min_p"]) == (1.0, 1.0, -1, 0.0)
+        assert p["stop_token_ids"] == [EOS] and p["custom_params"] == {EPS_KEY: 0.02}
+    seeds = [p["sampling_seed"] for p in params]
+    assert len(set(seeds)) == 4 and seeds == [p["sampling_seed"] for p in
+                                              sampling_params(_request(), VOCAB)]
+    assert prompt_ids(_request()) == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+
+
+def test_batch_assembly_has_the_megatron_layout():
+    outputs = [_output([7, 8, EOS], "stop"), _output([9, 10, 11, 12], "length"),
+               _output([EOS], "stop"), _output([3, 4, 6, EOS], "stop")]
+    batch = assemble_batch(_request(), outputs, vocab=VOCAB, pad_id=PAD)
+    assert batch.tokens.shape == (4, 3 + 4)
+    assert batch.tokens[0].tolist() == [2, 17, 33, 7, 8, EOS, PAD]
+    assert batch.tokens[2].tolist() == [2, 9, EOS, PAD, PAD, PAD, PAD]
+    assert batch.response_lengths.tolist() == [3, 4, 1, 4]
+    assert batch.finish_reasons == ("stop", "length", "stop", "stop")
+    assert batch.response_mask[1].nonzero().squeeze(1).tolist() == [3, 4, 5, 6]
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(batch.behaviour_logprobs[0, 3:6], torch.tensor([-0.5, -0.6,
+                                                                                -0.7]))
+    assert batch.teacher_feasible[0].tolist() == [False] * 3 + [True] + [False] * 3
+    torch.testing.assert_close(batch.beta[3, 2:6], torch.tensor([1.0, 0.25, 0.25, 0.25]))
+    assert (batch.reverse_kl[~batch.response_mask] == 0).all()
+    assert (batch.kl_to_student[batch.response_mask] == 0.003).all() and batch.eps == 0.02
+
+
+def test_batch_assembly_without_teacher_and_bad_outputs():
+    outputs = [_output([7, EOS], "stop", eps=False)] * 4
+    batch = assemble_batch(_request(eps=0.0), outputs, vocab=VOCAB, pad_id=PAD)
+    assert batch.reverse_kl is None and (batch.beta == 0).all() and batch.eps == 0.0
+    cases = [
+        ([_output([7, TEACHER_EOS], "stop")] + outputs[1:], "merged-away stop id"),
+        ([_output([EOS, 7], "length")] + outputs[1:], "stop token inside the response"),
+        ([_output([7, 8], "abort")] + outputs[1:], "without EOS"),
+        ([{"output_ids": [7], "meta_info": {}}] + outputs[1:], "return_logprob=True"),
+        (outputs[:3], "3 SGLang outputs for 4 rows"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            assemble_batch(_request(eps=0.0), bad, vocab=VOCAB, pad_id=PAD)
+    with pytest.raises(ValueError, match="trb_beta"):
+        assemble_batch(_request(), outputs, vocab=VOCAB, pad_id=PAD)
+
+
+def test_weight_buckets_bound_their_bytes():
+    named = [(f"w{i}", torch.zeros(n)) for i, n in enumerate((10, 10, 30, 5, 5, 5))]
+    groups = list(buckets(named, max_bytes=80))  # float32: 40, 40, 120, 20, 20, 20 bytes
+    assert [[n for n, _ in g] for g in groups] == [["w0", "w1"], ["w2"], ["w3", "w4", "w5"]]
+    with pytest.raises(ValueError):
+        list(buckets(named, 0))
+
+
+def test_version_pin():
+    check_version(SGLANG_VERSION)
+    with pytest.raises(SGLangUnavailable, match="0.5.22 is installed.*0.5.23 only"):
+        check_version("0.5.22")
+
+
+@pytest.mark.skipif(not SGLANG_MISSING, reason="sglang is installed here")
+def test_plugin_imports_without_sglang_and_fails_clearly_when_used():
+    probe = ("import sys, trb_megatron.sglang_plugin, trb_megatron.sglang_plugin.eps, "
+             "trb_megatron.sglang_plugin.weights, trb_megatron.rollout.sglang_engine; "
+             "assert 'sglang' not in sys.modules\n"
+             "try:\n    import trb_megatron.sglang_plugin.model\n"
+             "except Exception as err:\n    print(type(err).__name__, err)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("SGLangUnavailable") and "trb-megatron[sglang]" in out
+    with pytest.raises(SGLangUnavailable, match=r"pip install 'trb-megatron\[sglang\]'"):
+        require_sglang()
+
+
+def test_sglang_config_is_validated_with_the_fix_named():
+    from trb_megatron.config import Config, from_dict
+
+    base = {"model": {"student": "s", "teacher": "t"}, "train": {"steps": 1}}
+
+    def config(rollout, parallel=None):
+        return from_dict(Config, {**base, "rollout": rollout, "parallel": parallel or {}})
+
+    assert config({"backend": "sglang"}).validate().rollout.sglang.mode == "colocated"
+    remote = {"mode": "disaggregated", "servers": "http://a:30000,http://b:30000",
+              "update_master": "trainer0:29600"}
+    config({"backend": "sglang", "sglang": remote}).validate()
+    cases = [
+        ({"backend": "vllm"}, None, "rollout.backend must be megatron or sglang"),
+        ({"backend": "sglang", "sglang": {"mode": "remote"}}, None, "sglang.mode must be"),
+        ({"backend": "sglang", "sglang": {"mode": "disaggregated"}}, None,
+         "sglang.servers must be set .* exactly when mode is disaggregated"),
+        ({"backend": "sglang", "sglang": {**remote, "update_master": "trainer0"}}, None,
+         "update_master must be host:port"),
+        ({"backend": "sglang", "sglang": {"servers": "http://a:1"}}, None, "sglang.servers"),
+        ({"backend": "sglang", "sglang": {"mem_fraction": 1.5, "solver_iterations": 0}}, None,
+         "mem_fraction must be in \\(0, 1\\).*solver_iterations must be >= 1"),
+        ({"backend": "sglang"}, {"pipeline_parallel": 2},
+         "pipeline_parallel must be 1 with rollout.backend=sglang"),
+    ]
+    for rollout, parallel, match in cases:
+        with pytest.raises(ValueError, match=match):
+            config(rollout, parallel).validate()
+    config({"backend": "megatron", "sglang": {"mem_fraction": 1.5}}, {"pipeline_parallel": 2}
+           ).validate()  # sglang settings are ignored by the megatron backend
+    with pytest.raises(ValueError, match="unknown key.*rollout.sglang.tp"):
+        config({"sglang": {"tp": 2}})
+
+
+@pytest.mark.skipif(not SGLANG_MISSING, reason="sglang is installed here")
+def test_trainer_refuses_the_sglang_backend_before_building_models():
+    from trb_megatron.config import Config, from_dict
+    from trb_megatron.training.trainer import Trainer
+
+    config = from_dict(Config, {"model": {"student": "/missing/s", "teacher": "/missing/t"},
+                                "train": {"steps": 1}, "rollout": {"backend": "sglang"}})
+    with pytest.raises(SGLangUnavailable, match=r"trb-megatron\[sglang\]"):
+        Trainer(config, [[2, 3]])

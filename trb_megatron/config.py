@@ -11,6 +11,7 @@ import types
 import typing
 
 from trb_megatron.data import DataConfig
+from trb_megatron.parallel.profile import FP8_AMAX_ALGOS, FP8_FORMATS, FP8_RECIPES, FP8Settings
 from trb_megatron.trb import ESTIMATORS, METHODS
 
 
@@ -187,6 +188,8 @@ class Config:
     """Evaluation; none: no accuracy is measured."""
     toy: ToyConfig | None = None
     """Build the embedded toy task and models before the job (cached)."""
+    fp8: FP8Settings = dataclasses.field(default_factory=FP8Settings)
+    """Transformer Engine FP8 (a GPU with Transformer Engine only; off by default)."""
 
     def validate(self) -> "Config":
         checks = [
@@ -215,6 +218,19 @@ class Config:
             ("train.save_every", self.train.save_every >= 0, ">= 0"),
             ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, ">= 1"),
             ("train.eval_every", self.train.eval_every >= 0, ">= 0"),
+            ("fp8.format", self.fp8.format in FP8_FORMATS, f"one of {FP8_FORMATS}"),
+            ("fp8.recipe", self.fp8.recipe in FP8_RECIPES, f"one of {FP8_RECIPES}"),
+            ("fp8.margin", self.fp8.margin >= 0, ">= 0"),
+            ("fp8.amax_history_len", self.fp8.amax_history_len >= 1, ">= 1"),
+            ("fp8.amax_compute_algo", self.fp8.amax_compute_algo in FP8_AMAX_ALGOS,
+             f"one of {FP8_AMAX_ALGOS}"),
+            ("fp8.bf16_layers_at_start", self.fp8.bf16_layers_at_start >= 0, ">= 0"),
+            ("fp8.bf16_layers_at_end", self.fp8.bf16_layers_at_end >= 0, ">= 0"),
+            # Megatron-Core cannot keep edge layers in bf16 under delayed scaling.
+            ("fp8.recipe", self.fp8.recipe != "delayed" or not (
+                self.fp8.bf16_layers_at_start or self.fp8.bf16_layers_at_end),
+             "tensorwise, blockwise or mxfp8 when fp8.bf16_layers_at_start/end > 0 (delayed "
+             "scaling cannot keep layers in bf16)"),
         ]
         if self.eval is not None:
             checks += [("eval.samples", self.eval.samples >= 1, ">= 1"),

@@ -1,47 +1,19 @@
 """The main job end to end through both launcher forms exactly as users type them, on a
-miniature toy (2 gloo processes, TP=2, 2 steps), plus DRY_RUN for 4 nodes x 8 GPUs and config
-errors from the command line."""
+miniature toy (conftest.py's mini_config: 2 gloo processes, TP=2, 2 steps), plus DRY_RUN for 4
+nodes x 8 GPUs and config errors from the command line."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.distributed.launcher import free_port as _port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "examples" / "run_trb_distill.sh"
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def mini_config(tmp_path_factory):
-    from trb_megatron.toy.build import ToyBuildSpec, build_toy_models
-
-    root = tmp_path_factory.mktemp("mini")
-    toy = root / "toy"
-    build_toy_models(toy, ToyBuildSpec(n_train=256, n_test=16, n_val=16, batch_size=32,
-                                       teacher_steps=20, teacher_eval_every=10,
-                                       student_max_steps=10, student_eval_every=5),
-                     log=lambda *a: None)
-    config = yaml.safe_load((ROOT / "examples" / "configs" / "toy_cpu.yaml").read_text())
-    del config["toy"]
-    config["model"] = {"student": str(toy / "student"), "teacher": str(toy / "teacher")}
-    config["data"]["path_or_name"] = str(toy / "data" / "train.jsonl")
-    config["eval"]["data"].update(path_or_name=str(toy / "data" / "test.jsonl"), limit=4)
-    config["train"].update(steps=2, prompts_per_step=4, eval_every=2, save_every=0,
-                           progress=False)
-    path = root / "mini.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return root, path
 
 
 def _env(config, **extra):

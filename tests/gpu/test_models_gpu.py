@@ -23,9 +23,10 @@ pytestmark = [
 def _body(rank, world, root):
     from trb_megatron.checkpoint.convert import hf_to_megatron, load_megatron, parallel_layout
     from trb_megatron.checkpoint.verify import max_logit_difference
-    from trb_megatron.models.builder import FP8Settings, build_model
+    from trb_megatron.models.builder import build_model
     from trb_megatron.models.forward import full_logits
     from trb_megatron.parallel import detect_profile
+    from trb_megatron.parallel.profile import FP8Settings
 
     torch.backends.cuda.matmul.allow_tf32 = False
     hf_to_megatron(f"{root}/hf", f"{root}/megatron", progress=False)
@@ -33,8 +34,8 @@ def _body(rank, world, root):
         assert max_logit_difference(f"{root}/hf", f"{root}/megatron", groups) < 1e-3
         arch, reference = load_megatron(f"{root}/megatron", groups,
                                         params_dtype=torch.bfloat16)
-        fp8 = build_model(arch, detect_profile(), groups, trainable=False,
-                          params_dtype=torch.bfloat16, fp8=FP8Settings(enabled=True))
+        fp8 = build_model(arch, detect_profile().with_fp8(FP8Settings(enabled=True)), groups,
+                          trainable=False, params_dtype=torch.bfloat16)
         fp8.load_state_dict(reference.state_dict())
         tokens = torch.randint(0, arch.vocab_size, (2, 16), device="cuda")
         want = full_logits(reference, tokens, groups, arch.vocab_size)

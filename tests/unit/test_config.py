@@ -18,7 +18,7 @@ def test_defaults_are_the_paper_settings():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({**MINIMAL, "trainer": {}}, "unknown key.*trainer.*valid keys of the config: data, eval, logging, loss"),
+    ({**MINIMAL, "trainer": {}}, "unknown key.*trainer.*valid keys of the config: data, eval, fp8, logging, loss"),
     ({**MINIMAL, "trb": {"eps": 0.1}}, r"unknown key\(s\) trb.eps; valid keys of trb: "
                                        "anneal_steps, eps0, method, solver_tol"),
     ({**MINIMAL, "train": {"steps": "ten"}}, "train.steps must be int, got 'ten'"),

@@ -1,4 +1,4 @@
-"""HF config -> ModelArch, the student/teacher vocabulary check, FP8 settings (no Megatron)."""
+"""HF config -> ModelArch and the student/teacher vocabulary check (no Megatron)."""
 
 import json
 
@@ -6,9 +6,7 @@ import pytest
 
 from tests.hf_models import VOCAB, make_hf_model
 from trb_megatron.models.arch import ModelArch
-from trb_megatron.models.builder import FP8Settings
 from trb_megatron.models.pairing import shared_vocab_layout
-from trb_megatron.parallel import BackendProfile
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +86,3 @@ def test_shared_vocabulary_and_stop_ids(hf_dirs, tmp_path):
     (other / "config.json").write_text(json.dumps({**cfg, "vocab_size": VOCAB + 8}))
     with pytest.raises(ValueError, match="vocab_size differs"):
         shared_vocab_layout(student, other)
-
-
-def test_fp8_settings_need_transformer_engine():
-    settings = FP8Settings(enabled=True, recipe="delayed", margin=1, bf16_edge_layers=1)
-    gpu = BackendProfile.for_hardware(cuda=True, transformer_engine=True)
-    kwargs = settings.transformer_config_kwargs(gpu)
-    assert kwargs["fp8"] == "hybrid" and kwargs["fp8_margin"] == 1
-    assert kwargs["first_last_layers_bf16"] and kwargs["num_layers_at_end_in_bf16"] == 1
-    assert FP8Settings().transformer_config_kwargs(gpu) == {}
-    cpu = BackendProfile.for_hardware(cuda=False, transformer_engine=False)
-    with pytest.raises(ValueError, match="fp8.enabled needs a GPU with transformer_engine"):
-        settings.transformer_config_kwargs(cpu)

@@ -180,15 +180,17 @@ def hf_to_megatron(hf_dir, out_dir, *, overwrite=False, progress=True):
             (stage / META).write_text(json.dumps(meta, indent=2))
 
 
-def load_megatron(megatron_dir, groups, *, params_dtype=None, trainable=False):
-    """Build the model of a converted checkpoint for this rank's TP/PP stage and load it."""
+def load_megatron(megatron_dir, groups, *, params_dtype=None, trainable=False, profile=None):
+    """Build the model of a converted checkpoint for this rank's TP/PP stage and load it.
+    profile: the backend profile to build with (default: this machine's, FP8 off)."""
     from megatron.core import dist_checkpointing
 
     megatron_dir = Path(megatron_dir)
     meta = read_meta(megatron_dir)
     arch = ModelArch.from_hf_dir(megatron_dir / "hf")
     dtype = params_dtype or getattr(torch, meta["params_dtype"])
-    model = build_model(arch, detect_profile(), groups, trainable=trainable, params_dtype=dtype)
+    model = build_model(arch, profile or detect_profile(), groups, trainable=trainable,
+                        params_dtype=dtype)
     sharded = model.sharded_state_dict()
     loaded = dist_checkpointing.load(sharded, str(megatron_dir / "model"))
     # a training checkpoint also holds optimizer and trainer state: keep the model's entries

@@ -1,56 +1,23 @@
 """Build the student (trainable) and the frozen teacher as Megatron-Core GPTModels.
 
 One builder for both: the same TransformerConfig recipe, layer spec (from the backend profile:
-Transformer Engine on GPUs with TE, local layers otherwise) and TP/PP layout. The teacher is put
-in eval mode with requires_grad off; it must never be handed to an optimizer or wrapped in DDP.
+Transformer Engine on GPUs with TE, local layers otherwise), FP8 settings (the profile's) and
+TP/PP layout. The teacher is put in eval mode with requires_grad off; it must never be handed to
+an optimizer or wrapped in DDP.
 """
-
-import dataclasses
 
 import torch
 
 from trb_megatron.models.arch import ModelArch
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FP8Settings:
-    """Transformer Engine FP8 (GPU with TE only). format: 'hybrid' (E4M3 forward, E5M2
-    backward) or 'e4m3'; recipe: 'delayed' | 'tensorwise' | 'mxfp8' | 'blockwise'; margin and
-    amax history as in TE; bf16_edge_layers: keep this many first and last layers in bf16."""
-
-    enabled: bool = False
-    format: str = "hybrid"
-    recipe: str = "delayed"
-    margin: int = 0
-    amax_history_len: int = 1024
-    amax_compute_algo: str = "max"
-    bf16_edge_layers: int = 0
-
-    def transformer_config_kwargs(self, profile) -> dict:
-        if not self.enabled:
-            return {}
-        if not profile.transformer_engine:
-            raise ValueError("fp8.enabled needs a GPU with transformer_engine installed "
-                             "(pip install 'trb-megatron[te]'); set fp8.enabled=false here")
-        kwargs = dict(fp8=self.format, fp8_recipe=self.recipe, fp8_margin=self.margin,
-                      fp8_amax_history_len=self.amax_history_len,
-                      fp8_amax_compute_algo=self.amax_compute_algo)
-        if self.bf16_edge_layers:
-            kwargs.update(first_last_layers_bf16=True,
-                          num_layers_at_start_in_bf16=self.bf16_edge_layers,
-                          num_layers_at_end_in_bf16=self.bf16_edge_layers)
-        return kwargs
-
-
-def transformer_config(arch: ModelArch, profile, pg_collection, *, params_dtype=None,
-                       fp8: FP8Settings = FP8Settings()):
-    """The TransformerConfig for `arch` under the groups' TP/PP sizes and the profile."""
-    from megatron.core.transformer import TransformerConfig
-
-    tp, pp = pg_collection.tp.size(), pg_collection.pp.size()
+def transformer_config_kwargs(arch: ModelArch, profile, *, tp: int, pp: int,
+                              params_dtype=None) -> dict:
+    """TransformerConfig keyword arguments for `arch` at TP x PP under the profile (dtype, fused
+    kernels, FP8); plain values, so a GPU profile's can be inspected on any machine."""
     arch.check_parallel(tp, pp)
     dtype = params_dtype or profile.params_dtype
-    return TransformerConfig(
+    return dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads,
@@ -75,16 +42,24 @@ def transformer_config(arch: ModelArch, profile, pg_collection, *, params_dtype=
         fp16=dtype == torch.float16,
         use_cpu_initialization=profile.device.type == "cpu",
         **profile.fusion_flags(),
-        **fp8.transformer_config_kwargs(profile),
+        **profile.fp8.transformer_config_kwargs(),
     )
 
 
-def build_model(arch: ModelArch, profile, pg_collection, *, trainable: bool, params_dtype=None,
-                fp8: FP8Settings = FP8Settings()):
+def transformer_config(arch: ModelArch, profile, pg_collection, *, params_dtype=None):
+    """The TransformerConfig for `arch` under the groups' TP/PP sizes and the profile."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(
+        arch, profile, tp=pg_collection.tp.size(), pp=pg_collection.pp.size(),
+        params_dtype=params_dtype))
+
+
+def build_model(arch: ModelArch, profile, pg_collection, *, trainable: bool, params_dtype=None):
     """This rank's GPTModel stage for `arch`; trainable=False gives a frozen (teacher) model."""
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, profile, pg_collection, params_dtype=params_dtype, fp8=fp8)
+    config = transformer_config(arch, profile, pg_collection, params_dtype=params_dtype)
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     model = GPTModel(
         config=config,
@@ -103,6 +78,13 @@ def build_model(arch: ModelArch, profile, pg_collection, *, trainable: bool, par
     )
     if profile.device.type == "cuda":
         model.cuda(torch.cuda.current_device())
+    if profile.fp8.enabled:
+        # FP8 GEMMs need row counts that are multiples of 16; rollouts decode one token per row
+        # and training batches have any length. Megatron's wrapper pads/unpads the sequence
+        # dimension around each TE linear layer inside the FP8 context (autograd included).
+        from megatron.core.fp8_utils import prepare_model_for_fp8_inference
+
+        prepare_model_for_fp8_inference(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

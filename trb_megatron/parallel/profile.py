@@ -2,7 +2,8 @@
 
 The rest of the product asks the profile instead of branching on the device: which
 torch.distributed backend, which Megatron layer spec, which parameter dtype, which fused kernels
-TransformerConfig may use. `initialize_parallel` is the one place that reads megatron's
+TransformerConfig may use, and whether the transformer layers run in FP8 (`with_fp8`, from the
+`fp8` config section). `initialize_parallel` is the one place that reads megatron's
 parallel_state; everything downstream receives the process groups it returns.
 """
 
@@ -26,6 +27,52 @@ _FUSION_FLAGS = (
     "persist_layer_norm",
 )
 
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FP8Settings:
+    """Transformer Engine FP8 for the GEMMs of the transformer layers (the `fp8` config section).
+    Parameters, gradients and optimizer state keep their dtype; embeddings, output layer and the
+    losses stay in bf16/fp32. Mapped onto Megatron-Core's TransformerConfig fp8 fields."""
+
+    enabled: bool = False
+    """Run the student's transformer layers in FP8 (a GPU with Transformer Engine only)."""
+    format: str = "hybrid"
+    """hybrid (E4M3 forward, E5M2 gradients) or e4m3 (E4M3 everywhere)."""
+    recipe: str = "delayed"
+    """Scaling: delayed (amax history), tensorwise (current scaling), blockwise (Hopper) or
+    mxfp8 (Blackwell)."""
+    margin: int = 0
+    """Scaling-factor margin: scale = fp8_max / amax / 2^margin."""
+    amax_history_len: int = 1024
+    """Steps of amax history kept per tensor (delayed scaling)."""
+    amax_compute_algo: str = "max"
+    """Amax from the history: max or most_recent (delayed scaling)."""
+    bf16_layers_at_start: int = 0
+    """Keep this many first transformer layers in bf16 (at most the layers of one pipeline
+    stage; not with recipe delayed)."""
+    bf16_layers_at_end: int = 0
+    """Keep this many last transformer layers in bf16 (not with recipe delayed)."""
+    teacher: bool = False
+    """Also run the frozen teacher in FP8 (faster scoring and rollouts; its logits then carry
+    FP8 rounding)."""
+
+    def transformer_config_kwargs(self) -> dict:
+        """TransformerConfig keyword arguments (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        kwargs = dict(fp8=self.format, fp8_recipe=self.recipe, fp8_margin=self.margin,
+                      fp8_amax_history_len=self.amax_history_len,
+                      fp8_amax_compute_algo=self.amax_compute_algo)
+        if self.bf16_layers_at_start or self.bf16_layers_at_end:
+            kwargs.update(first_last_layers_bf16=True,
+                          num_layers_at_start_in_bf16=self.bf16_layers_at_start,
+                          num_layers_at_end_in_bf16=self.bf16_layers_at_end)
+        return kwargs
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendProfile:
@@ -39,6 +86,8 @@ class BackendProfile:
     """Use Transformer Engine layers and fused kernels (GPU with transformer_engine installed)."""
     params_dtype: torch.dtype
     """Default parameter dtype: fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs."""
+    fp8: FP8Settings = FP8Settings()
+    """Transformer Engine FP8 settings of the models built with this profile (off by default)."""
 
     @classmethod
     def for_hardware(cls, *, cuda: bool, transformer_engine: bool) -> "BackendProfile":
@@ -51,6 +100,16 @@ class BackendProfile:
             transformer_engine=transformer_engine,
             params_dtype=torch.bfloat16 if cuda else torch.float32,
         )
+
+    def with_fp8(self, settings: FP8Settings) -> "BackendProfile":
+        """This profile with FP8 settings; FP8 needs Transformer Engine on a GPU."""
+        if settings.enabled and not self.transformer_engine:
+            have = ("CUDA without transformer_engine" if self.device.type == "cuda"
+                    else "no CUDA device")
+            raise ValueError(f"fp8.enabled=true needs a GPU with Transformer Engine, this machine "
+                             f"has {have}; install it (pip install 'trb-megatron[te]', or use "
+                             "the Dockerfile's image) or set fp8.enabled=false")
+        return dataclasses.replace(self, fp8=settings)
 
     def fusion_flags(self) -> dict[str, bool]:
         """TransformerConfig keyword arguments for the fused kernels."""

@@ -44,12 +44,19 @@ def check_layout(config: Config, world_size: int, arch_fallback_dir=None, *,
         raise ValueError(f"train.prompts_per_step={config.train.prompts_per_step} is not "
                          f"divisible by the data-parallel size {dp} (= world {world_size} / "
                          f"(TP {tp} x PP {pp}))")
+    fp8 = config.fp8
     for role in ("student", "teacher") if check_models else ():
         path = Path(getattr(config.model, role))
         try:
-            ModelArch.of_model_dir(path, arch_fallback_dir).check_parallel(tp, pp)
+            arch = ModelArch.of_model_dir(path, arch_fallback_dir)
+            arch.check_parallel(tp, pp)
         except ValueError as err:
             raise ValueError(f"model.{role} ({path}): {err}") from None
+        bf16_edges = max(fp8.bf16_layers_at_start, fp8.bf16_layers_at_end)
+        in_fp8 = fp8.enabled and (role == "student" or fp8.teacher)
+        if in_fp8 and bf16_edges > arch.num_layers // pp:
+            raise ValueError(f"fp8.bf16_layers_at_start/end ({bf16_edges}) exceed the "
+                             f"{arch.num_layers // pp} layers per pipeline stage of model.{role}")
     return dp
 
 
@@ -67,13 +74,16 @@ class Trainer:
             require_sglang()  # before any model is built; names the extra to install
         check_layout(config, dist.get_world_size() if dist.is_initialized() else 1)
         self.prompts, self.evaluate = [list(p) for p in prompts], evaluate
+        profile = detect_profile().with_fp8(config.fp8)  # FP8 needs TE: fails here otherwise
         self.groups = initialize_parallel(
-            detect_profile(), tensor_parallel_size=config.parallel.tensor_parallel,
+            profile, tensor_parallel_size=config.parallel.tensor_parallel,
             pipeline_parallel_size=config.parallel.pipeline_parallel, seed=config.train.seed)
         self.vocab = shared_vocab_layout(Path(config.model.student) / "hf",
                                          Path(config.model.teacher) / "hf")
-        _, student = load_megatron(config.model.student, self.groups, trainable=True)
-        _, self.teacher = load_megatron(config.model.teacher, self.groups)
+        _, student = load_megatron(config.model.student, self.groups, trainable=True,
+                                   profile=profile)
+        _, self.teacher = load_megatron(config.model.teacher, self.groups,
+                                        profile=profile if config.fp8.teacher else None)
         self.ddp, self.optimizer = wrap_and_optimize(student, config.optim, self.groups)
         self.distill = DistillStep(self.ddp, self.teacher, self.optimizer, self.groups,
                                    self.vocab, estimator=config.loss.estimator,

@@ -1,0 +1,67 @@
+# trb_megatron for GPU clusters: SGLang's CUDA image (CUDA, torch, SGLang as the `sglang` extra
+# pins them) plus pinned megatron-core, Transformer Engine, Apex and this package.
+#
+#   docker build -t trb-megatron:0.1.0 .
+#   docker build -t trb-megatron:0.1.0 --build-arg MCORE_VERSION=0.16.1 --build-arg MAX_JOBS=16 .
+#   docker run --gpus all --ipc=host -v /shared:/shared trb-megatron:0.1.0 \
+#       bash examples/run_trb_distill.sh model.student=/shared/... (README: Running on a cluster)
+#   enroot import dockerd://trb-megatron:0.1.0   (a .sqsh for pyxis: examples/slurm/)
+#
+# Every version is a build argument, so a rebuild with the same arguments installs the same
+# stack. No model weights or data are baked in: mount them (README). Linted by
+# tests/unit/test_packaging.py with hadolint; each remaining rule exception is justified inline.
+
+# SGLang 0.5.23 (the `sglang` extra of setup.py) on CUDA 13; its torch is the one everything
+# below is built against.
+ARG BASE_IMAGE=lmsysorg/sglang:v0.5.23-cu130
+FROM ${BASE_IMAGE}
+
+ARG SGLANG_VERSION=0.5.23
+# setup.py: megatron-core>=0.16.1,<0.17 (the version the code is tested against).
+ARG MCORE_VERSION=0.16.1
+# setup.py's `te` extra: transformer-engine[pytorch]>=2.4,<2.10; core library for CUDA 13.
+ARG TE_VERSION=2.9.0
+ARG TE_CORE_EXTRA=core_cu13
+# NVIDIA/apex is not on PyPI: a pinned commit, built with its C++/CUDA extensions.
+ARG APEX_COMMIT=10417aceddd7d5d05d7cbf7b0fc2daad1105f8b4
+ARG MAX_JOBS=8
+ARG USER_UID=1001
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# PIP_BREAK_SYSTEM_PACKAGES: the base installs into Ubuntu's system Python (PEP 668 marks it
+# externally managed); a container is the environment, so pip may install there.
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PYTHONUNBUFFERED=1 \
+    MAX_JOBS=${MAX_JOBS}
+
+# Fail early if the base image is not the SGLang the `sglang` extra pins; then freeze the base's
+# packages (torch, SGLang and their dependencies) as constraints for every install below, so
+# nothing here can replace them.
+RUN python3 -c "from importlib.metadata import version; v = version('sglang'); \
+assert v == '${SGLANG_VERSION}', f'base image has sglang {v}, want ${SGLANG_VERSION}'" \
+    && python3 -m pip list --format=freeze > /opt/base-constraints.txt
+
+RUN python3 -m pip install -c /opt/base-constraints.txt "megatron-core==${MCORE_VERSION}" \
+    && python3 -m pip install -c /opt/base-constraints.txt --no-build-isolation \
+        "transformer_engine[pytorch,${TE_CORE_EXTRA}]==${TE_VERSION}" \
+    && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 python3 -m pip install -c /opt/base-constraints.txt \
+        --no-build-isolation --no-deps "git+https://github.com/NVIDIA/apex.git@${APEX_COMMIT}"
+
+RUN useradd --no-log-init --create-home --uid "${USER_UID}" --shell /bin/bash trb
+
+WORKDIR /opt/trb-megatron
+# Dependencies first (cached while only the code changes), then the code, installed editable so
+# examples/ and tools/ stay next to the package (the launcher and the configs use them).
+COPY setup.py README.md ./
+COPY trb_megatron/__init__.py trb_megatron/__init__.py
+RUN python3 -m pip install -c /opt/base-constraints.txt -e ".[logging]"
+# Code owned by root (read-only to the user); only runs/ (the default run directories) is writable.
+COPY . .
+RUN mkdir -p runs && chown trb:trb runs
+
+# numeric, so the host (Kubernetes runAsNonRoot, enroot) can verify it is not root
+USER ${USER_UID}
+ENV HF_HOME=/home/trb/.cache/huggingface
+CMD ["bash", "examples/run_trb_distill.sh"]

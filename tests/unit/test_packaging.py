@@ -89,6 +89,15 @@ def test_sbatch_parses_and_lints():
     assert done.returncode == 0, done.stdout
 
 
+def test_environment_scripts_lint():
+    """scripts/venv.sh (sourced by every entry point) and the scripts that source it."""
+    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh"))
+    assert len(scripts) >= 3
+    done = subprocess.run([_tool("shellcheck"), "-x", *scripts], capture_output=True, text=True,
+                          cwd=ROOT / "scripts")
+    assert done.returncode == 0, done.stdout
+
+
 def test_sbatch_requeues_and_checkpoints_on_signal():
     directives, text = _sbatch_directives(), SBATCH.read_text()
     assert "requeue" in directives and directives["open-mode"] == "append"

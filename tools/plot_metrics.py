@@ -3,11 +3,14 @@
     python tools/plot_metrics.py runs/toy_trb runs/toy_opd [--out runs/compare.png]
 
 Reads RUN/metrics.jsonl of every run and writes one PNG with four panels: loss and exact
-reverse KL, eps and mean beta, evaluation accuracy (when logged), response length.
+reverse KL, eps and mean beta, evaluation accuracy (when logged), response length. Runs whose
+directory names differ only in a `_s<seed>` suffix (benchmarks/toy_trb_vs_opd.py: trb_s0,
+trb_s1, ...) are one method: same colour, one legend entry.
 """
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +25,11 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def method_of(run_name: str) -> str:
+    """'trb_s2' -> 'trb': the run's name without its seed suffix."""
+    return re.sub(r"_s\d+$", "", run_name)
+
+
 def plot_runs(run_dirs, out) -> Path:
     import matplotlib
 
@@ -29,15 +37,25 @@ def plot_runs(run_dirs, out) -> Path:
     import matplotlib.pyplot as plt
 
     runs = {Path(d).name: read_metrics(d) for d in run_dirs}
+    groups = list(dict.fromkeys(method_of(name) for name in runs))
+    sizes = {g: sum(method_of(n) == g for n in runs) for g in groups}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (title, keys) in zip(axes.flat, PANELS):
+        labelled = set()
         for name, records in runs.items():
+            group = method_of(name)
+            color = f"C{groups.index(group) % 10}"
             for key in keys:
                 points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     steps, values = zip(*points)
                     style = "-" if key == keys[0] else "--"
-                    ax.plot(steps, values, style, label=f"{name}: {key}")
+                    label = None
+                    if (group, key) not in labelled:
+                        labelled.add((group, key))
+                        runs_note = f" ({sizes[group]} runs)" if sizes[group] > 1 else ""
+                        label = f"{group}{runs_note}: {key}"
+                    ax.plot(steps, values, style, color=color, alpha=0.8, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:

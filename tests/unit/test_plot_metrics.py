@@ -1,0 +1,44 @@
+"""tools/plot_metrics.py: curves of several runs in one PNG, seeds of a method grouped."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tools.plot_metrics import main, method_of, plot_runs  # noqa: E402
+
+
+def _write_run(run_dir: Path, eps0: float, steps: int = 6) -> Path:
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(steps):
+            record = {"step": step, "loss": 1.0 / (step + 1), "reverse_kl": 1.0 / (step + 1),
+                      "eps": eps0 * (1 - step / steps), "beta_mean": 0.5,
+                      "response_len_mean": 40.0}
+            if step % 3 == 2:
+                record["eval/accuracy"] = 0.1 * step
+            f.write(json.dumps(record) + "\n")
+    return run_dir
+
+
+def test_method_of_strips_only_a_seed_suffix():
+    assert method_of("trb_s2") == "trb"
+    assert method_of("fixed_eps_s10") == "fixed_eps"
+    assert method_of("toy_trb") == "toy_trb"
+    assert method_of("trb_seed") == "trb_seed"
+
+
+def test_plot_runs_writes_a_png(tmp_path):
+    runs = [_write_run(tmp_path / name, eps) for name, eps in
+            (("trb_s0", 0.1), ("trb_s1", 0.1), ("opd_s0", 0.0))]
+    out = plot_runs(runs, tmp_path / "plots" / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_missing_run_directory_is_named(tmp_path, capsys):
+    _write_run(tmp_path / "trb_s0", 0.1)
+    with pytest.raises(SystemExit, match="not_a_run/metrics.jsonl does not exist"):
+        main([str(tmp_path / "trb_s0"), str(tmp_path / "not_a_run")])

@@ -93,8 +93,11 @@ def run_job(config: Config) -> int:
                                   temperature=config.eval.temperature,
                                   dp_group=trainer.groups.dp).pass1
 
+        by_step = {}  # the in-training evaluation at the last step is the final one
+
         def evaluate(step):
-            return {"eval/accuracy": accuracy(trainer.engine, step)}
+            by_step[step] = accuracy(trainer.engine, step)
+            return {"eval/accuracy": by_step[step]}
 
     trainer = Trainer(config, prompts.token_ids, evaluate=evaluate)
     if config.eval is not None and config.eval.before_training and trainer.step == 0:
@@ -108,7 +111,8 @@ def run_job(config: Config) -> int:
                   f"samples x {len(test_set)} problems)", flush=True)
     status = trainer.run()
     if config.eval is not None and status == "done":
-        results["student_accuracy_after"] = accuracy(trainer.engine, trainer.step)
+        results["student_accuracy_after"] = (by_step[trainer.step] if trainer.step in by_step
+                                             else accuracy(trainer.engine, trainer.step))
     if rank0:
         results.update(_warmup_summary(run_dir / "metrics.jsonl"), status=status,
                        method=config.trb.method, eps0=config.trb.eps0,

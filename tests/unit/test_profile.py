@@ -22,6 +22,7 @@ def test_cpu_profile():
     assert profile.params_dtype == torch.float32
     assert not profile.transformer_engine
     assert not any(profile.fusion_flags().values())
+    assert not profile.compile_trb
 
 
 @pytest.mark.parametrize("transformer_engine", [False, True])
@@ -31,6 +32,7 @@ def test_gpu_profiles(transformer_engine):
     assert profile.distributed_backend == "nccl"
     assert profile.params_dtype == torch.bfloat16
     assert set(profile.fusion_flags().values()) == {transformer_engine}
+    assert profile.compile_trb
 
 
 def test_profile_is_frozen_and_rejects_te_without_cuda():

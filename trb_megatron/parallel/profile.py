@@ -86,6 +86,10 @@ class BackendProfile:
     """Use Transformer Engine layers and fused kernels (GPU with transformer_engine installed)."""
     params_dtype: torch.dtype
     """Default parameter dtype: fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs."""
+    compile_trb: bool = False
+    """torch.compile the TRB vocabulary passes (the rollout's beta solve, the `full` loss): on
+    GPUs, where the compiled solve is what meets benchmarks/bench_trb.py's cost target; eager
+    on CPU, where the tests compare both paths and small toy vocabularies gain nothing."""
     fp8: FP8Settings = FP8Settings()
     """Transformer Engine FP8 settings of the models built with this profile (off by default)."""
 
@@ -99,6 +103,7 @@ class BackendProfile:
             distributed_backend="nccl" if cuda else "gloo",
             transformer_engine=transformer_engine,
             params_dtype=torch.bfloat16 if cuda else torch.float32,
+            compile_trb=cuda,
         )
 
     def with_fp8(self, settings: FP8Settings) -> "BackendProfile":

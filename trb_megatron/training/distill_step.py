@@ -50,9 +50,10 @@ def _microbatches(batch: RolloutBatch, size: int):
 
 class DistillStep:
     def __init__(self, ddp, teacher, optimizer, groups, vocab: VocabLayout, *, estimator: str,
-                 topk: int, micro_batch_size: int):
+                 topk: int, micro_batch_size: int, fused: bool = False):
+        """fused: compile the `full` loss's vocabulary passes (BackendProfile.compile_trb)."""
         self.ddp, self.teacher, self.optimizer, self.groups = ddp, teacher, optimizer, groups
-        self.vocab, self.estimator, self.topk = vocab, estimator, topk
+        self.vocab, self.estimator, self.topk, self.fused = vocab, estimator, topk, fused
         self.micro_batch_size = micro_batch_size
         self.last_stage = groups.pp.rank() == groups.pp.size() - 1
 
@@ -101,7 +102,7 @@ class DistillStep:
                 kl = per_token_reverse_kl(
                     logits.reshape(-1, width), mb["teacher_logits"].reshape(-1, width),
                     group=self.groups.tp, estimator=self.estimator, vocab=self.vocab,
-                    topk=self.topk, tokens=mb["next_tokens"].reshape(-1))
+                    topk=self.topk, tokens=mb["next_tokens"].reshape(-1), fused=self.fused)
                 mask = mb["loss_mask"].reshape(-1).to(kl.dtype)
                 kl_sum = (kl * mask).sum()
                 exact = kl_sum.detach()

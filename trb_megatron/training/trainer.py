@@ -88,8 +88,9 @@ class Trainer:
         self.distill = DistillStep(self.ddp, self.teacher, self.optimizer, self.groups,
                                    self.vocab, estimator=config.loss.estimator,
                                    topk=config.loss.topk,
-                                   micro_batch_size=config.train.micro_batch_size)
-        self.engine = self._rollout_engine()
+                                   micro_batch_size=config.train.micro_batch_size,
+                                   fused=profile.compile_trb)
+        self.engine = self._rollout_engine(profile)
         self.eps = EpsSchedule(method=config.trb.method, eps0=config.trb.eps0,
                                anneal_steps=config.trb.anneal_steps)
         self.order = PromptOrder(len(self.prompts), config.train.seed)
@@ -109,14 +110,15 @@ class Trainer:
                 yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         self._stop_requested = False
 
-    def _rollout_engine(self):
+    def _rollout_engine(self, profile):
         cfg = self.config
         if cfg.rollout.backend == "megatron":
             from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
 
             return MegatronRolloutEngine(self.ddp.module, self.teacher, self.groups,
                                          vocab=self.vocab, pad_id=self.vocab.stop_ids[0],
-                                         solver_tol=cfg.trb.solver_tol)
+                                         solver_tol=cfg.trb.solver_tol,
+                                         fused_solver=profile.compile_trb)
         from trb_megatron.rollout.sglang_engine import SGLangRolloutEngine, hf_source_dir
 
         student_dir = hf_source_dir(cfg.model.student)

@@ -41,6 +41,23 @@ def rollout_statistics(batch: RolloutBatch, dp_group) -> dict:
             "response_tokens": int(tokens)}
 
 
+def _records(path: Path):
+    """(line, record) of every complete line of a metrics file. The last line may have been cut
+    by a kill mid-write (records are flushed whole, so only the last one can be): it is
+    dropped, since its step is redone on resume."""
+    lines = path.read_text().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                return
+            raise ValueError(f"{path}:{number} is not a JSON record; fix or remove that line "
+                             "and resume") from None
+
+
 class MetricsLog:
     """metrics.jsonl in the run directory; a no-op on every rank but 0."""
 
@@ -53,8 +70,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop records of steps a resumed run will redo
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < resume_step]
+            kept = [line for line, record in _records(self.path) if record["step"] < resume_step]
             staging = self.path.with_suffix(".jsonl.tmp")
             staging.write_text("".join(line + "\n" for line in kept))
             staging.replace(self.path)

@@ -100,6 +100,9 @@ class Trainer:
         if resume is not None:
             state = load_checkpoint(resume, self.ddp, self.optimizer)
             self.step, self.order.position = state["step"], state["prompt_position"]
+            if dist.get_rank() == 0:
+                print(f"resuming from {resume} at step {self.step} of {config.train.steps}",
+                      flush=True)
         self.rank0 = dist.get_rank() == 0
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank0, resume_step=self.step,
                                   tensorboard=config.logging.tensorboard,

@@ -16,8 +16,10 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
-if python3 -c "import trb_megatron" 2>/dev/null && [ ! -d "$root/.venv" ]; then
-  py=python3  # an installed package (e.g. the container)
+# An installed package with torch (e.g. the container) is used as is; the check runs outside the
+# checkout so that the source tree itself does not count as installed.
+if [ ! -d "$root/.venv" ] && (cd / && python3 -c "import torch, trb_megatron") 2>/dev/null; then
+  py=python3
 else
   source "$root/scripts/venv.sh"
   py="$TRB_PYTHON"

@@ -122,8 +122,10 @@ class TrainConfig:
     """Seeds prompt order, rollout sampling and initialisation."""
     run_dir: str = "runs/trb"
     """Metrics (metrics.jsonl), resolved config and checkpoints go here."""
-    save_every: int = 50
-    """Checkpoint every this many steps (and at the end, and on SIGTERM); 0: only those."""
+    save_every: int = 1
+    """Checkpoint every this many steps (and at the end, and on SIGTERM); 0: only those. 1: a
+    crash loses at most the step it interrupts; raise it only when a checkpoint costs more than
+    the steps it would save redoing."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept on disk (older ones are deleted after a successful save)."""
     eval_every: int = 0

@@ -10,6 +10,7 @@ import ast
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,36 @@ def test_sbatch_layout_passes_the_launcher_dry_run(slurm_env, tmp_path):
                          env=slurm_env, cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "train.prompts_per_step=8 is not divisible by the data-parallel size 16" in bad.stderr
+
+
+def _has_torch(python: str) -> bool:
+    return subprocess.run([python, "-c", "import torch"], cwd="/",
+                          capture_output=True).returncode == 0
+
+
+def test_launcher_on_a_fresh_checkout_sets_up_the_venv(tmp_path):
+    """Quickstart's first command on a fresh clone (no .venv, python3 without torch, run from
+    the repository root): the checkout's own trb_megatron/ must not pass for an installed
+    package; the launcher creates .venv instead (stopped once it says so)."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    if _has_torch(base):
+        pytest.skip(f"the base interpreter {base} has torch: no torch-less python3 to test with")
+    checkout = tmp_path / "checkout"
+    for part in ("examples", "scripts", "trb_megatron"):
+        shutil.copytree(ROOT / part, checkout / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "setup.py", checkout / "setup.py")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(base)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    job = subprocess.Popen(["bash", "examples/run_trb_distill.sh"], cwd=checkout, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        first = job.stdout.readline()
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert first.startswith(f"[venv] installing the CPU stack into {checkout}/.venv"), first

@@ -9,6 +9,7 @@ trb_s1, ...) are one method: same colour, one legend entry.
 """
 
 import argparse
+import collections
 import json
 import re
 import sys
@@ -37,8 +38,8 @@ def plot_runs(run_dirs, out) -> Path:
     import matplotlib.pyplot as plt
 
     runs = {Path(d).name: read_metrics(d) for d in run_dirs}
-    groups = list(dict.fromkeys(method_of(name) for name in runs))
-    sizes = {g: sum(method_of(n) == g for n in runs) for g in groups}
+    sizes = collections.Counter(method_of(name) for name in runs)  # first-seen order
+    groups = list(sizes)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (title, keys) in zip(axes.flat, PANELS):
         labelled = set()

@@ -4,20 +4,15 @@ into the TE layer spec with the same logits, and the TE model runs in FP8.
 Run (on a GPU machine with transformer_engine): python -m pytest tests/gpu/test_models_gpu.py
 """
 
-import importlib.util
 
 import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.gpu.marks import GPU, NEEDS_CUDA, NEEDS_TE
 from tests.hf_models import make_hf_model
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
-                       reason="needs transformer_engine (pip install 'trb-megatron[te]')"),
-]
+pytestmark = [GPU, NEEDS_CUDA, NEEDS_TE]
 
 
 def _body(rank, world, root):

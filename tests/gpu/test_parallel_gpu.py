@@ -8,12 +8,10 @@ import importlib.util
 import pytest
 import torch
 
+from tests.gpu.marks import GPU, NEEDS_CUDA
 from trb_megatron.parallel import detect_profile, install_cpu_backend
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = [GPU, NEEDS_CUDA]
 
 
 def test_cpu_backend_is_a_no_op_with_cuda():

@@ -7,7 +7,6 @@ Run (a CUDA machine with the sglang extra and this package installed, so SGLang 
 plugin entry point): pip install -e '.[sglang]' && python -m pytest tests/gpu/test_sglang_gpu.py
 """
 
-import importlib.util
 import math
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.gpu.marks import GPU, NEEDS_CUDA, NEEDS_SGLANG
 from tests.hf_models import make_hf_model
 from trb_megatron.config import SGLangConfig
 from trb_megatron.rollout.request import RolloutRequest
@@ -22,12 +22,7 @@ from trb_megatron.rollout.sglang_engine import engine_kwargs
 from trb_megatron.rollout.sglang_requests import assemble_batch, prompt_ids, sampling_params
 from trb_megatron.trb import VocabLayout
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
-                       reason="needs sglang 0.5.23 (pip install 'trb-megatron[sglang]')"),
-]
+pytestmark = [GPU, NEEDS_CUDA, NEEDS_SGLANG]
 
 LAYOUT = VocabLayout(size=120, stop_ids=(1,))
 PROMPTS = ([2, 17, 33, 5], [2, 9, 44])

@@ -7,13 +7,11 @@ Run (on a GPU machine): .venv/bin/python -m pytest tests/gpu/test_trb_gpu.py -q
 import pytest
 import torch
 
+from tests.gpu.marks import GPU, NEEDS_CUDA
 from trb_megatron.parallel import detect_profile
 from trb_megatron.trb import VocabLayout, per_token_reverse_kl, solve_beta
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = [GPU, NEEDS_CUDA]
 
 
 def _logits(rows=64, vocab=32_000):

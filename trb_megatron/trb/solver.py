@@ -79,6 +79,24 @@ def _chunked_moments(s_NV, diff_NV, beta_M, rows_M, excluded_V):
     return torch.cat(parts)
 
 
+def initial_beta(var_s, kl_teacher, sqrt_eps):
+    """First Newton iterate: sqrt(KL) ~ a beta + b beta^2 matched to its slope at 0 and its
+    value at 1, solved for sqrt(eps), kept strictly inside (0, 1)."""
+    a = torch.sqrt(var_s / 2)
+    b = torch.sqrt(kl_teacher) - a
+    disc = (a * a + 4 * b * sqrt_eps).clamp_min(0.0)
+    return (2 * sqrt_eps / (a + torch.sqrt(disc))).nan_to_num(0.5).clamp(1e-6, 1 - 1e-6)
+
+
+def newton_step(trial, kl_trial, var_b, sqrt_eps, lo, hi):
+    """Next iterate: a Newton step on sqrt(KL) - sqrt(eps) (d/dbeta KL = beta Var_mu[diff]),
+    bisection of the bracket (lo, hi) when the step leaves it."""
+    root = torch.sqrt(kl_trial)
+    step = trial - (root - sqrt_eps) / (trial * var_b / (2 * root))
+    inside = torch.isfinite(step) & (step > lo) & (step < hi)
+    return torch.where(inside, step, (lo + hi) / 2)
+
+
 def _moments_fn(fused: bool):
     if not fused:
         return _chunked_moments
@@ -186,13 +204,8 @@ def solve_beta(student_logits, teacher_logits, eps, *, group=None, tol=1e-6, rto
     lo, kl_lo, hi = zero_N.clone(), zero_N.clone(), one_N.clone()
     atol = torch.minimum(torch.full_like(eps_N, tol), rtol * eps_N)
     iters_N = torch.zeros(shard.rows, dtype=torch.int64, device=eps_N.device)
-    # Initial guess: sqrt(KL) ~ a beta + b beta^2 matched to its slope at 0 and value at 1.
-    a = torch.sqrt(var_s / 2)
     c = torch.sqrt(eps_N)
-    b = torch.sqrt(kl_teacher) - a
-    disc = (a * a + 4 * b * c).clamp_min(0.0)
-    guess = (2 * c / (a + torch.sqrt(disc))).nan_to_num(0.5)
-    trial = torch.where(active, guess.clamp(1e-6, 1 - 1e-6), zero_N)
+    trial = torch.where(active, initial_beta(var_s, kl_teacher, c), zero_N)
     iterations = 0
     while bool(active.any()) and iterations < max_iters:
         iterations += 1
@@ -210,12 +223,7 @@ def solve_beta(student_logits, teacher_logits, eps, *, group=None, tol=1e-6, rto
         kl_lo = torch.where(below, kl_trial, kl_lo)
         hi = torch.where(active & (gap > 0), trial, hi)
         active = active & ~done & (hi - lo > 1e-12)
-        # Newton step on sqrt(KL) - sqrt(eps); bisection when it leaves the bracket.
-        root = torch.sqrt(kl_trial)
-        slope = trial * var_b / (2 * root)
-        step = trial - (root - c) / slope
-        inside = torch.isfinite(step) & (step > lo) & (step < hi)
-        trial = torch.where(inside, step, (lo + hi) / 2)
+        trial = newton_step(trial, kl_trial, var_b, c, lo, hi)
     unresolved = positive & ~feasible & ~converged
     beta = torch.where(unresolved, lo, beta)
     kl = torch.where(unresolved, kl_lo, kl)

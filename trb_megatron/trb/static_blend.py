@@ -17,8 +17,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .solver import blend_moments
-from .vocab import VocabLayout, combine_weighted
+from .solver import blend_moments, initial_beta, newton_step
+from .vocab import Shard, VocabLayout, combine_weighted, owned_stops
 
 _NEG_INF = float("-inf")
 
@@ -55,13 +55,12 @@ class StaticVocab:
         limit = total if layout.size is None else layout.size
         if any(not 0 <= s < limit for s in layout.stop_ids):
             raise ValueError(f"stop ids {layout.stop_ids} must lie in [0, {limit})")
-        ids = torch.arange(offset, offset + width, device=device)
-        excluded = ids >= limit
-        for merged in layout.stop_ids[1:]:
-            excluded |= ids == merged
-        stops = tuple((pos, sid - offset) for pos, sid in enumerate(layout.stop_ids)
-                      if offset <= sid < offset + width)
-        return cls(offset, width, world, layout, excluded, stops)
+        shard = Shard(group=None, rank=rank, world=world, rows=0, offset=offset, width=width,
+                      total=total, layout=layout)
+        excluded = shard.excluded(device)
+        if excluded is None:
+            excluded = torch.zeros(width, dtype=torch.bool, device=device)
+        return cls(offset, width, world, layout, excluded, tuple(owned_stops(shard)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +138,7 @@ def solve_beta_static(student_NV, teacher_NV, eps_N, *, vocab: StaticVocab, grou
     active = positive & ~feasible
     atol = torch.minimum(torch.full_like(eps_N, tol), rtol * eps_N)
     c = torch.sqrt(eps_N)
-    a = torch.sqrt(var_s / 2)
-    b = torch.sqrt(kl_teacher) - a
-    guess = (2 * c / (a + torch.sqrt((a * a + 4 * b * c).clamp_min(0.0)))).nan_to_num(0.5)
-    trial = torch.where(active, guess.clamp(1e-6, 1 - 1e-6), zero_N)
+    trial = torch.where(active, initial_beta(var_s, kl_teacher, c), zero_N)
     lo, kl_lo, hi = zero_N, zero_N, one_N
     done = torch.zeros_like(active)
     beta_done, kl_done = zero_N, zero_N
@@ -158,10 +154,7 @@ def solve_beta_static(student_NV, teacher_NV, eps_N, *, vocab: StaticVocab, grou
         lo = torch.where(below, trial, lo)
         kl_lo = torch.where(below, kl_trial, kl_lo)
         hi = torch.where(below, hi, trial)
-        root = torch.sqrt(kl_trial)
-        step = trial - (root - c) / (trial * var_b / (2 * root))
-        inside = torch.isfinite(step) & (step > lo) & (step < hi)
-        trial = torch.where(inside, step, (lo + hi) / 2)
+        trial = newton_step(trial, kl_trial, var_b, c, lo, hi)
     beta = torch.where(feasible, one_N, torch.where(done, beta_done, lo))
     kl = torch.where(feasible, kl_teacher, torch.where(done, kl_done, kl_lo))
     beta = torch.where(active | feasible, beta, zero_N)

@@ -165,7 +165,7 @@ class _MergeStops(torch.autograd.Function):
         values_NK = column_values(x_NV, ids, shard)
         merged = torch.logsumexp(values_NK, dim=1)
         out = x_NV.clone()
-        for pos, local in _owned_stops(shard):
+        for pos, local in owned_stops(shard):
             out[:, local] = merged if pos == 0 else float("-inf")
         ctx.save_for_backward(torch.softmax(values_NK, dim=1))
         ctx.shard = shard
@@ -175,7 +175,7 @@ class _MergeStops(torch.autograd.Function):
     def backward(ctx, grad_NV):
         (weights_NK,) = ctx.saved_tensors
         shard = ctx.shard
-        owned = dict(_owned_stops(shard))
+        owned = dict(owned_stops(shard))
         upstream = torch.zeros_like(weights_NK[:, :1])
         if 0 in owned:
             upstream = grad_NV[:, owned[0]:owned[0] + 1].to(weights_NK.dtype)
@@ -186,7 +186,7 @@ class _MergeStops(torch.autograd.Function):
         return grad, None
 
 
-def _owned_stops(shard: Shard):
+def owned_stops(shard: Shard):
     """(position in stop_ids, local column) for the stop tokens this rank holds."""
     for pos, sid in enumerate(shard.layout.stop_ids):
         local = sid - shard.offset

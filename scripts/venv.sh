@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Create or reuse the virtual environment .venv/ at the repo root with the pinned CPU stack.
+# Create or reuse the virtual environment .venv/ at the repo root with the pinned CPU stack:
+# torch 2.14.1, megatron-core, and SGLang 0.5.23 without its CUDA-only requirements, in one
+# environment (the colocated SGLang backend runs the trainer and the engine in one process).
 # Sourced by scripts/test.sh and scripts/bench.sh; run directly to only set up the environment:
 #   bash scripts/venv.sh
-# Reinstalls only when setup.py, the constraints or this script change (a stamp in .venv/);
-# concurrent callers (e.g. parallel benchmark runs) wait on a lock instead of racing pip.
+# Reinstalls only when setup.py, the requirement files or this script change (a stamp in
+# .venv/); concurrent callers (e.g. parallel benchmark runs) wait on a lock instead of racing pip.
 set -euo pipefail
 TRB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TRB_PYTHON="$TRB_ROOT/.venv/bin/python"
@@ -15,13 +17,19 @@ if [ ! -x "$TRB_PYTHON" ]; then
   "$base" -m venv "$TRB_ROOT/.venv"
 fi
 stamp="$TRB_ROOT/.venv/.trb-installed"
-want="$(cat "$TRB_ROOT/setup.py" "$TRB_ROOT/scripts/constraints-cpu.txt" "$TRB_ROOT/scripts/venv.sh" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$TRB_ROOT/setup.py" "$TRB_ROOT/scripts/constraints-cpu.txt" \
+  "$TRB_ROOT/scripts/requirements-sglang-cpu.txt" "$TRB_ROOT/scripts/venv.sh" \
+  | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[venv] installing the CPU stack into $TRB_ROOT/.venv (first run: a few minutes)" >&2
+  echo "[venv] installing the CPU stack into $TRB_ROOT/.venv (first run: about 5 minutes, ~7 GB)" >&2
+  pins=(-c "$TRB_ROOT/scripts/constraints-cpu.txt")
   "$TRB_PYTHON" -m pip install --quiet --upgrade pip
-  # torch first, pinned to the local CPU wheel, so nothing below can pull a CUDA build.
-  "$TRB_PYTHON" -m pip install --quiet torch==2.13.0
-  "$TRB_PYTHON" -m pip install --quiet -c "$TRB_ROOT/scripts/constraints-cpu.txt" -e "${TRB_ROOT}[dev]"
+  # torch first, pinned, so nothing below can pull another build.
+  "$TRB_PYTHON" -m pip install --quiet "${pins[@]}" torch torchvision
+  # sglang without its requirements, then the CPU-installable ones (the list says why).
+  "$TRB_PYTHON" -m pip install --quiet "${pins[@]}" --no-deps sglang
+  "$TRB_PYTHON" -m pip install --quiet "${pins[@]}" \
+    -r "$TRB_ROOT/scripts/requirements-sglang-cpu.txt" -e "${TRB_ROOT}[dev]"
   echo "$want" > "$stamp"
 fi
 flock -u "$trb_venv_lock"

@@ -63,7 +63,16 @@ class SGLangConfig:
     bucket_mib: int = 512
     """Weight-update bucket size in MiB (bounds the extra memory of a push)."""
     attention_backend: str = "fa3"
-    """fa3 or triton (FlashInfer plans for one head count; the composite model has two)."""
+    """fa3 or triton (FlashInfer plans for one head count; the composite model has two). On a
+    machine without CUDA the engine always uses torch_native."""
+    tp_size: int = 0
+    """Tensor-parallel size of each colocated engine; 0: the trainer's TP size."""
+    max_total_tokens: int = 0
+    """KV-cache pool size in tokens; 0: SGLang sizes it from mem_fraction on GPUs, and CPU
+    engines take 16384 (on CPU SGLang would size it from the machine's free RAM)."""
+    deterministic: bool = True
+    """SGLang's deterministic inference: per-row sampling seeds are honoured (rollouts are
+    reproducible and a resumed run repeats them); without it SGLang ignores the seeds."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -260,6 +269,9 @@ def _sglang_checks(sg: SGLangConfig, parallel: ParallelConfig) -> list:
         ("rollout.sglang.max_running_requests", sg.max_running_requests >= 1, ">= 1"),
         ("rollout.sglang.solver_iterations", sg.solver_iterations >= 1, ">= 1"),
         ("rollout.sglang.bucket_mib", sg.bucket_mib >= 1, ">= 1"),
+        ("rollout.sglang.tp_size", sg.tp_size >= 0, ">= 0 (0: the trainer's TP size)"),
+        ("rollout.sglang.max_total_tokens", sg.max_total_tokens >= 0,
+         ">= 0 (0: SGLang's default sizing; 16384 on CPU)"),
         ("rollout.sglang.attention_backend", sg.attention_backend in ("fa3", "triton"),
          "fa3 or triton"),
         ("parallel.pipeline_parallel", parallel.pipeline_parallel == 1,

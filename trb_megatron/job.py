@@ -100,19 +100,25 @@ def run_job(config: Config) -> int:
             return {"eval/accuracy": by_step[step]}
 
     trainer = Trainer(config, prompts.token_ids, evaluate=evaluate)
-    if config.eval is not None and config.eval.before_training and trainer.step == 0:
-        teacher_engine = MegatronRolloutEngine(trainer.teacher, None, trainer.groups,
-                                               vocab=trainer.vocab, pad_id=trainer.engine.pad_id)
-        results["teacher_accuracy"] = accuracy(teacher_engine)
-        results["student_accuracy_before"] = accuracy(trainer.engine)
-        if rank0:
-            print(f"before training: teacher {results['teacher_accuracy']:.3f}, student "
-                  f"{results['student_accuracy_before']:.3f} (pass@1, {config.eval.samples} "
-                  f"samples x {len(test_set)} problems)", flush=True)
-    status = trainer.run()
-    if config.eval is not None and status == "done":
-        results["student_accuracy_after"] = (by_step[trainer.step] if trainer.step in by_step
-                                             else accuracy(trainer.engine, trainer.step))
+    try:
+        if config.eval is not None and config.eval.before_training and trainer.step == 0:
+            teacher_engine = MegatronRolloutEngine(
+                trainer.teacher, None, trainer.groups, vocab=trainer.vocab,
+                pad_id=trainer.engine.pad_id)
+            results["teacher_accuracy"] = accuracy(teacher_engine)
+            results["student_accuracy_before"] = accuracy(trainer.engine)
+            if rank0:
+                print(f"before training: teacher {results['teacher_accuracy']:.3f}, "
+                      f"student {results['student_accuracy_before']:.3f} (pass@1, "
+                      f"{config.eval.samples} samples x {len(test_set)} problems)", flush=True)
+        status = trainer.run()
+        if config.eval is not None and status == "done":
+            if trainer.step not in by_step:
+                trainer.engine.sync_weights()
+                by_step[trainer.step] = accuracy(trainer.engine, trainer.step)
+            results["student_accuracy_after"] = by_step[trainer.step]
+    finally:
+        trainer.close()
     if rank0:
         results.update(_warmup_summary(run_dir / "metrics.jsonl"), status=status,
                        method=config.trb.method, eps0=config.trb.eps0,

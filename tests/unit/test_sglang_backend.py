@@ -7,7 +7,6 @@ megatron backend), the version pin, and that the plugin fails clearly without sg
 Run: .venv/bin/python -m pytest tests/unit/test_sglang_backend.py -q
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -33,7 +32,6 @@ from trb_megatron.trb.static_blend import (StaticVocab, blended_logits_static,
 
 LAYOUT = VocabLayout(size=93, stop_ids=(90, 2))  # padding columns 93..96, two stop tokens
 EPSILONS = (0.0, 1e-3, 1e-2, 0.1, 1e9)
-SGLANG_MISSING = importlib.util.find_spec("sglang") is None
 
 
 def _vocab(width=97):
@@ -150,7 +148,9 @@ def test_composite_overrides_share_one_kv_pool():
     assert overrides["architectures"] == ["TRBForCausalLM"]
     assert overrides["num_hidden_layers"] == 5
     assert read_settings(types.SimpleNamespace(**overrides)) == _settings()
-    assert composite_overrides(_cfg(2), None, _settings()) == {}
+    alone = composite_overrides(_cfg(2), None, _settings())
+    assert alone["architectures"] == ["TRBForCausalLM"] and "num_hidden_layers" not in alone
+    assert read_settings(types.SimpleNamespace(**alone)) == _settings()
     with pytest.raises(ValueError, match="num_key_value_heads"):
         composite_overrides(_cfg(2), _cfg(3, kv=4), _settings())
     with pytest.raises(ValueError, match="head_dim"):
@@ -173,11 +173,16 @@ def test_engine_arguments(tmp_path):
         tmp_path / "t")
     assert overrides["trb"]["stop_ids"] == [1, 5] and overrides["trb"]["max_rows"] == 256
     assert kw["tp_size"] == 2 and kw["enable_custom_logit_processor"]
-    assert kw["disable_prefill_cuda_graph"] and kw["enable_memory_saver"]
-    student = engine_kwargs(SGLangConfig(mode="disaggregated"), student_dir=tmp_path / "s",
-                            teacher_dir=None, vocab=vocab, tp_size=1, seed=3)
-    assert student["json_model_override_args"] == "{}"
-    assert not student["disable_prefill_cuda_graph"] and not student["enable_memory_saver"]
+    assert kw["disable_prefill_cuda_graph"] and kw["enable_deterministic_inference"]
+    assert kw["cuda_graph_max_bs_decode"] == 256  # the sglang 0.5.23 name
+    # without CUDA the CPU backend's arguments replace the GPU ones (test_sglang_cpu_backend)
+    assert kw["enable_memory_saver"] == torch.cuda.is_available()
+    student = engine_kwargs(SGLangConfig(mode="disaggregated", max_total_tokens=5000),
+                            student_dir=tmp_path / "s", teacher_dir=None, vocab=vocab,
+                            tp_size=1, seed=3)
+    alone = json.loads(student["json_model_override_args"])
+    assert alone["architectures"] == ["TRBForCausalLM"] and alone["trb"]["teacher_path"] == ""
+    assert not student["enable_memory_saver"] and student["max_total_tokens"] == 5000
 
 
 PROMPTS = ([2, 17, 33], [2, 9])
@@ -263,18 +268,34 @@ def test_version_pin():
         check_version("0.5.22")
 
 
-@pytest.mark.skipif(not SGLANG_MISSING, reason="sglang is installed here")
+# Runs Python with sglang made unimportable (sys.modules["sglang"] = None), as on a machine
+# without the sglang extra.
+WITHOUT_SGLANG = "import sys; sys.modules['sglang'] = None\n"
+
+
+def _without_sglang(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", WITHOUT_SGLANG + code], capture_output=True,
+                          text=True, check=True).stdout
+
+
 def test_plugin_imports_without_sglang_and_fails_clearly_when_used():
-    probe = ("import sys, trb_megatron.sglang_plugin, trb_megatron.sglang_plugin.eps, "
-             "trb_megatron.sglang_plugin.weights, trb_megatron.rollout.sglang_engine; "
-             "assert 'sglang' not in sys.modules\n"
-             "try:\n    import trb_megatron.sglang_plugin.model\n"
-             "except Exception as err:\n    print(type(err).__name__, err)")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout
+    out = _without_sglang(
+        "import trb_megatron.sglang_plugin, trb_megatron.sglang_plugin.eps, "
+        "trb_megatron.sglang_plugin.weights, trb_megatron.rollout.sglang_engine\n"
+        "try:\n    import trb_megatron.sglang_plugin.model\n"
+        "except Exception as err:\n    print(type(err).__name__, err)")
     assert out.startswith("SGLangUnavailable") and "trb-megatron[sglang]" in out
-    with pytest.raises(SGLangUnavailable, match=r"pip install 'trb-megatron\[sglang\]'"):
-        require_sglang()
+
+
+def test_trainer_refuses_the_sglang_backend_before_building_models():
+    out = _without_sglang(
+        "from trb_megatron.config import Config, from_dict\n"
+        "from trb_megatron.training.trainer import Trainer\n"
+        "config = from_dict(Config, {'model': {'student': '/missing/s', 'teacher': "
+        "'/missing/t'}, 'train': {'steps': 1}, 'rollout': {'backend': 'sglang'}})\n"
+        "try:\n    Trainer(config, [[2, 3]])\n"
+        "except Exception as err:\n    print(type(err).__name__, err)")
+    assert out.startswith("SGLangUnavailable") and "trb-megatron[sglang]" in out
 
 
 def test_sglang_config_is_validated_with_the_fix_named():
@@ -309,14 +330,3 @@ def test_sglang_config_is_validated_with_the_fix_named():
            ).validate()  # sglang settings are ignored by the megatron backend
     with pytest.raises(ValueError, match="unknown key.*rollout.sglang.tp"):
         config({"sglang": {"tp": 2}})
-
-
-@pytest.mark.skipif(not SGLANG_MISSING, reason="sglang is installed here")
-def test_trainer_refuses_the_sglang_backend_before_building_models():
-    from trb_megatron.config import Config, from_dict
-    from trb_megatron.training.trainer import Trainer
-
-    config = from_dict(Config, {"model": {"student": "/missing/s", "teacher": "/missing/t"},
-                                "train": {"steps": 1}, "rollout": {"backend": "sglang"}})
-    with pytest.raises(SGLangUnavailable, match=r"trb-megatron\[sglang\]"):
-        Trainer(config, [[2, 3]])

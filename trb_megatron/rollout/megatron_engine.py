@@ -129,6 +129,9 @@ class MegatronRolloutEngine:
     def release_teacher(self) -> None:
         """Nothing to do: at eps == 0 the teacher does not run in this backend."""
 
+    def shutdown(self) -> None:
+        """Nothing to do: the engine holds only the trainer's own models."""
+
     def generate(self, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
                  max_new_tokens: int, eps: float, seed: int, prompt_offset: int = 0,
                  temperature: float = 1.0) -> RolloutBatch:

@@ -1,53 +1,71 @@
 """The "sglang" rollout backend: the RolloutEngine protocol over SGLang engines running the TRB
-composite model (trb_megatron.sglang_plugin), with the trainer's student weights pushed in after
-every optimiser step. Written against sglang 0.5.23; NOT yet run on a GPU (README).
+composite model (trb_megatron.sglang_plugin), with the trainer's student weights pushed in before
+every rollout. Pinned to sglang 0.5.23; runs on CPU (tests/sglang, the main job with
+rollout.backend=sglang) through trb_megatron.sglang_plugin.cpu_backend; not yet run on a GPU.
 
 Layout: one engine per model replica (data-parallel rank), driven by the replica's TP rank 0;
 the other TP ranks take part in the weight gather and receive the batch by broadcast.
-- colocated: an offline sglang.Engine on the replica's GPUs (enable_memory_saver). Its KV
-  cache and CUDA graphs are released after each rollout and resumed before the next, so the
-  training step has the memory; weights stay resident (released weights are lost without a CPU
-  copy, and the teacher's would have to be reloaded from disk). Updates use
-  update_weights_from_tensor in buckets.
+- colocated: an offline sglang.Engine started by the driver (on GPUs with enable_memory_saver:
+  its KV cache and CUDA graphs are released after each rollout and resumed before the next, so
+  the training step has the memory; weights stay resident, since released weights are lost
+  without a CPU copy and the teacher's would have to be reloaded from disk; on CPU everything
+  stays resident). Updates use update_weights_from_tensor in buckets.
 - disaggregated: SGLang servers launched separately (same model arguments, see
   `server_command`); replica d sends its requests to servers[d % len(servers)]; trainer rank 0
   joins a NCCL weight-update group with every server and broadcasts each bucket
   (update_weights_from_distributed).
 Updates happen only between generate calls (every rank passes a barrier first, so no request
-is in flight: "drain"), and the last bucket flushes the radix cache (cached prefixes were
+is in flight: "drain"), inside one begin_weight_update() / end_weight_update() session (SGLang
+refuses updates outside one), and the last bucket flushes the radix cache (cached prefixes were
 computed with the old weights).
 
+Nothing fails silently: every SGLang call that reports failure by its return value (weight-update
+session, updates, update group) is checked and raises RuntimeError naming the call and SGLang's
+message, and after every engine start a probe request must come back with the composite model's
+per-token statistics (SGLang only logs a plugin that fails to load and then serves the stock
+model).
+
 Teacher off: when eps reaches 0 (every eps schedule is non-increasing, so it stays 0), the
-colocated engine is restarted as a plain student engine (stock Qwen3 model class, current
-weights pushed at once) rather than re-captured: that frees the teacher's weights and its half
-of the KV pool and returns to SGLang's stock fast path (prefill CUDA graphs, any attention
-backend), with no dependence on SGLang's graph-recapture internals; it costs one engine start
-per run. Disaggregated servers are not ours to restart: they keep running the composite model at
-eps = 0 (exactly beta = 0: pure student samples, teacher compute wasted) until relaunched.
+colocated engine is restarted without the teacher (the same model class, student only: the same
+EOS merge and padding mask as the trainer's mu) and the current weights are pushed at once. That
+frees the teacher's weights and its half of the KV pool, with no dependence on SGLang's
+graph-recapture internals; it costs one engine start per run. Disaggregated servers are not
+ours to restart: they keep running the composite model at eps = 0 (exactly beta = 0: pure
+student samples, teacher compute wasted) until relaunched.
 """
 
 import json
-import threading
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import torch.distributed as dist
 
 from trb_megatron.rollout.request import RolloutRequest
-from trb_megatron.rollout.sglang_requests import assemble_batch, prompt_ids, sampling_params
+from trb_megatron.rollout.sglang_requests import (STAT_KEYS, assemble_batch, prompt_ids,
+                                                  sampling_params)
 from trb_megatron.rollout.types import RolloutBatch
 from trb_megatron.rollout.weight_sync import buckets, hf_tensors
-from trb_megatron.sglang_plugin.composite_config import TRBSettings, composite_overrides
+from trb_megatron.sglang_plugin import cpu_backend
+from trb_megatron.sglang_plugin.composite_config import (ARCHITECTURE, TRBSettings,
+                                                         composite_overrides)
+from trb_megatron.sglang_plugin.engine_shutdown import shutdown_engine
+from trb_megatron.sglang_plugin.eps import EPS_KEY
 from trb_megatron.sglang_plugin.version import require_sglang
 
 GROUP_NAME = "trb_weight_update"
+PROBE_EPS = 1e9
+"""The probe request's budget: every teacher is feasible (beta = 1 exactly)."""
+MEMORY_TAGS = ["kv_cache", "cuda_graph"]
 
 
 def engine_kwargs(settings, *, student_dir, teacher_dir, vocab, tp_size: int, seed: int
                   ) -> dict:
-    """sglang.Engine / server arguments for the composite model (teacher_dir None: a plain
-    student engine). settings: config.SGLangConfig."""
+    """sglang.Engine / server arguments for the composite model (teacher_dir None: the
+    student alone in the same model class). settings: config.SGLangConfig. Without CUDA the
+    CPU backend's arguments replace the GPU ones (cpu_backend.engine_arguments)."""
     student_cfg = json.loads((Path(student_dir) / "config.json").read_text())
     teacher_cfg = None if teacher_dir is None else json.loads(
         (Path(teacher_dir) / "config.json").read_text())
@@ -56,17 +74,21 @@ def engine_kwargs(settings, *, student_dir, teacher_dir, vocab, tp_size: int, se
         student_layers=student_cfg["num_hidden_layers"], teacher_path=str(teacher_dir or ""),
         vocab_size=vocab.size, stop_ids=tuple(vocab.stop_ids),
         iterations=settings.solver_iterations, max_rows=settings.max_running_requests)
-    overrides = composite_overrides(student_cfg, teacher_cfg, trb)
-    return dict(
+    kwargs = dict(
         model_path=str(student_dir), tp_size=tp_size, random_seed=seed,
         mem_fraction_static=settings.mem_fraction,
         max_running_requests=settings.max_running_requests,
-        cuda_graph_max_bs=settings.max_running_requests,
-        json_model_override_args=json.dumps(overrides),
-        attention_backend=settings.attention_backend,
-        disable_prefill_cuda_graph=teacher_dir is not None,
+        cuda_graph_max_bs_decode=settings.max_running_requests,
+        json_model_override_args=json.dumps(composite_overrides(student_cfg, teacher_cfg, trb)),
+        attention_backend=settings.attention_backend, disable_prefill_cuda_graph=True,
         enable_custom_logit_processor=True, skip_tokenizer_init=True,
-        enable_memory_saver=settings.mode == "colocated")
+        enable_memory_saver=settings.mode == "colocated",
+        enable_deterministic_inference=settings.deterministic)
+    if settings.max_total_tokens:
+        kwargs["max_total_tokens"] = settings.max_total_tokens
+    kwargs.update(cpu_backend.engine_arguments(tp_size=tp_size,
+                                                max_total_tokens=settings.max_total_tokens))
+    return kwargs
 
 
 def server_command(settings, **kwargs) -> list[str]:
@@ -81,11 +103,60 @@ def server_command(settings, **kwargs) -> list[str]:
     return args
 
 
+def checked(call: str, result) -> str:
+    """The message of a successful SGLang `call` whose result is (success, message) (engine)
+    or {"success": ..., "message": ...} (HTTP); RuntimeError naming the call otherwise."""
+    if isinstance(result, dict) and "success" in result:
+        success, message = result["success"], result.get("message", "")
+    elif isinstance(result, (tuple, list)) and len(result) >= 2:
+        success, message = result[0], result[1]
+    else:
+        raise RuntimeError(f"SGLang {call} returned {result!r:.200}, not (success, message): "
+                           "cannot tell whether it worked")
+    if success is not True:
+        raise RuntimeError(f"SGLang {call} failed: {message}")
+    return message
+
+
+def verify_trb_model(outputs, *, teacher: bool) -> None:
+    """Check a probe request's output (one prompt, one token, eps = PROBE_EPS): the composite
+    model reports its per-token statistics, beta = 1 with the teacher and 0 without.
+    RuntimeError otherwise (SGLang serves the stock model when the plugin failed to load)."""
+    meta = outputs[0].get("meta_info", {}) if outputs else {}
+    missing = [key for key in STAT_KEYS if key not in meta]
+    if missing:
+        raise RuntimeError(
+            f"the SGLang engine is not serving {ARCHITECTURE}: its output has no {missing} "
+            "(SGLang only logs a plugin that fails to load: look for 'Failed to load plugin' "
+            "or 'Failed to apply hooks' in its log; the plugin is the entry point "
+            "sglang.srt.plugins -> trb_megatron.sglang_plugin.model:register, installed with "
+            "this package)")
+    want = 1.0 if teacher else 0.0
+    if list(meta["trb_beta"]) != [want]:
+        raise RuntimeError(f"the SGLang engine's {ARCHITECTURE} returned beta "
+                           f"{meta['trb_beta']} for a probe with eps={PROBE_EPS:g}; expected "
+                           f"[{want}] ({'with' if teacher else 'without'} the teacher)")
+
+
 def _post(url: str, payload: dict, timeout: float = 3600.0):
+    """POST JSON to an SGLang server; RuntimeError naming the endpoint and SGLang's answer on
+    an HTTP error."""
     data = json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as response:
-        return json.loads(response.read() or b"null")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"SGLang {url} failed: HTTP {err.code}: "
+                           f"{err.read().decode(errors='replace')[:500]}") from None
+
+
+def _post_all(urls: Sequence[str], payload: dict, call: str) -> None:
+    """POST the same checked call to every server at once; raise on any failure."""
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        futures = [pool.submit(_post, f"{u}/{call}", payload) for u in urls]
+        for url, future in zip(urls, futures):
+            checked(f"{call} ({url})", future.result())
 
 
 class SGLangRolloutEngine:
@@ -105,6 +176,8 @@ class SGLangRolloutEngine:
         self.vocab, self.pad_id, self.seed = vocab, pad_id, seed
         self.driver = groups.tp.rank() == 0
         self.engine = None
+        self.memory_saver = False
+        self.engine_tp = settings.tp_size or groups.tp.size()
         self.teacher_loaded = True
         self.update_group = None
         self.processor = _passthrough_str()
@@ -115,32 +188,58 @@ class SGLangRolloutEngine:
                 self._join_update_group()
 
     def _ensure_engine(self):
-        """Start the colocated engine on first use (with the teacher until release_teacher)."""
+        """Start the colocated engine on first use (with the teacher until release_teacher)
+        and check that it serves the TRB model."""
         if self.engine is not None or self.settings.mode != "colocated" or not self.driver:
             return
-        self.engine = self.sglang.Engine(**engine_kwargs(
-            self.settings, student_dir=self.student_dir,
-            teacher_dir=self.teacher_dir if self.teacher_loaded else None,
-            vocab=self.vocab, tp_size=self.groups.tp.size(), seed=self.seed))
-        self.engine.release_memory_occupation(tags=["kv_cache", "cuda_graph"])
+        kwargs = engine_kwargs(self.settings, student_dir=self.student_dir,
+                               teacher_dir=self.teacher_dir if self.teacher_loaded else None,
+                               vocab=self.vocab, tp_size=self.engine_tp, seed=self.seed)
+        self.memory_saver = kwargs["enable_memory_saver"]
+        self.engine = self.sglang.Engine(**kwargs)
+        try:
+            verify_trb_model(self._engine_generate([[0]], [self._probe_params()]),
+                             teacher=self.teacher_loaded)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._memory("release_memory_occupation")
+
+    def _memory(self, call: str) -> None:
+        """Release or resume the KV cache and CUDA graphs (GPU memory saver only). sglang
+        0.5.23 returns nothing for these calls (a failure is an assertion in the scheduler,
+        which stops the engine and, through SGLang's child watchdog, this process); a result,
+        if a release ever returns one, is checked."""
+        if self.memory_saver:
+            result = getattr(self.engine, call)(tags=MEMORY_TAGS)
+            if result is not None:
+                checked(call, result)
+
+    def _probe_params(self) -> dict:
+        return {"temperature": 1.0, "max_new_tokens": 1, "custom_params": {EPS_KEY: PROBE_EPS}}
 
     def _join_update_group(self):
         from sglang.srt.utils import init_custom_process_group
 
         host, _, port = self.settings.update_master.rpartition(":")
+        for url in self.servers:
+            verify_trb_model(_post(f"{url}/generate", {
+                "input_ids": [[0]], "sampling_params": [self._probe_params()],
+                "return_logprob": True, "custom_logit_processor": [self.processor]}),
+                teacher=True)
         sizes = [_post(f"{u}/get_server_info", {})["tp_size"] for u in self.servers]
         world = 1 + sum(sizes)
-        calls = [threading.Thread(target=_post, args=(f"{u}/init_weights_update_group", {
-            "master_address": host, "master_port": int(port), "rank_offset": 1 + sum(sizes[:i]),
-            "world_size": world, "group_name": GROUP_NAME, "backend": "nccl"}))
-            for i, u in enumerate(self.servers)]
-        for call in calls:
-            call.start()
-        self.update_group = init_custom_process_group(
-            backend="nccl", init_method=f"tcp://{host}:{port}", world_size=world, rank=0,
-            group_name=GROUP_NAME)
-        for call in calls:
-            call.join()
+        with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:
+            futures = [pool.submit(_post, f"{u}/init_weights_update_group", {
+                "master_address": host, "master_port": int(port),
+                "rank_offset": 1 + sum(sizes[:i]), "world_size": world,
+                "group_name": GROUP_NAME, "backend": "nccl"})
+                for i, u in enumerate(self.servers)]
+            self.update_group = init_custom_process_group(
+                backend="nccl", init_method=f"tcp://{host}:{port}", world_size=world, rank=0,
+                group_name=GROUP_NAME)
+            for url, future in zip(self.servers, futures):
+                checked(f"init_weights_update_group ({url})", future.result())
 
     def generate(self, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
                  max_new_tokens: int, eps: float, seed: int, prompt_offset: int = 0,
@@ -162,49 +261,62 @@ class SGLangRolloutEngine:
         return assemble_batch(request, payload[0], vocab=self.vocab, pad_id=self.pad_id,
                               device=device)
 
+    def _engine_generate(self, input_ids, params) -> list[dict]:
+        return self.engine.generate(input_ids=input_ids, sampling_params=params,
+                                    return_logprob=True,
+                                    custom_logit_processor=[self.processor] * len(input_ids))
+
     def _outputs(self, request: RolloutRequest) -> list[dict]:
         params = sampling_params(request, self.vocab)
         self._ensure_engine()
         if self.engine is not None:
-            self.engine.resume_memory_occupation(tags=["kv_cache", "cuda_graph"])
+            self._memory("resume_memory_occupation")
             try:
-                return self.engine.generate(
-                    input_ids=prompt_ids(request), sampling_params=params, return_logprob=True,
-                    custom_logit_processor=[self.processor] * request.rows)
+                return self._engine_generate(prompt_ids(request), params)
             finally:
-                self.engine.release_memory_occupation(tags=["kv_cache", "cuda_graph"])
+                self._memory("release_memory_occupation")
         return _post(f"{self.server}/generate", {
             "input_ids": prompt_ids(request), "sampling_params": params, "return_logprob": True,
             "custom_logit_processor": [self.processor] * request.rows})
 
     def sync_weights(self) -> None:
-        """Push the trainer's current student weights (collective over every trainer rank)."""
+        """Push the trainer's current student weights (collective over every trainer rank),
+        in one weight-update session per engine; every SGLang answer is checked."""
         dist.barrier()  # drain: every replica has finished its generate()
         self._ensure_engine()
         max_bytes = self.settings.bucket_mib << 20
         pushing = self.engine is not None or self.update_group is not None
         chunks = list(buckets(hf_tensors(self.student, self.arch, self.groups.tp), max_bytes))
-        for i, bucket in enumerate(chunks):
-            if pushing:
+        if pushing:
+            self._session("begin_weight_update")
+            for i, bucket in enumerate(chunks):
                 self._push(bucket, flush=i == len(chunks) - 1)
+            self._session("end_weight_update")
         dist.barrier()
+
+    def _session(self, call: str) -> None:
+        """Open or close the weight-update session of this rank's engine or of every server."""
+        if self.engine is not None:
+            checked(call, getattr(self.engine, call)())
+        else:
+            _post_all(self.servers, {}, call)
 
     def _push(self, bucket, *, flush: bool):
         if self.engine is not None:
-            self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=flush)
+            checked("update_weights_from_tensor", self.engine.update_weights_from_tensor(
+                named_tensors=bucket, flush_cache=flush))
             return
         meta = {"names": [n for n, _ in bucket],
                 "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
                 "flush_cache": flush}
-        calls = [threading.Thread(target=_post, args=(f"{u}/update_weights_from_distributed",
-                                                      meta)) for u in self.servers]
-        for call in calls:
-            call.start()
-        for _, tensor in bucket:
-            dist.broadcast(tensor.contiguous(), src=0, group=self.update_group)
-        for call in calls:
-            call.join()
+        with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:
+            futures = [pool.submit(_post, f"{u}/update_weights_from_distributed", meta)
+                       for u in self.servers]
+            for _, tensor in bucket:
+                dist.broadcast(tensor.contiguous(), src=0, group=self.update_group)
+            for url, future in zip(self.servers, futures):
+                checked(f"update_weights_from_distributed ({url})", future.result())
 
     def release_teacher(self) -> None:
         """eps has reached 0 for good: the colocated engine runs the student alone from the
@@ -212,14 +324,12 @@ class SGLangRolloutEngine:
         if not self.teacher_loaded:
             return
         self.teacher_loaded = False
-        if self.engine is not None:  # started: restart student-only at the next sync
-            self.engine.shutdown()
-            self.engine = None
+        self.shutdown()  # restarted student-only at the next sync
 
     def shutdown(self) -> None:
         if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+            engine, self.engine = self.engine, None
+            shutdown_engine(engine)
 
 
 def hf_source_dir(megatron_dir) -> Path:

@@ -59,3 +59,8 @@ class RolloutEngine(Protocol):
         """eps has reached 0 for good (every eps schedule is non-increasing): the engine may
         free the teacher and sample from the student alone from now on."""
         ...
+
+    def shutdown(self) -> None:
+        """Free what the engine holds outside the trainer's models (SGLang: its processes);
+        a no-op for the megatron backend."""
+        ...

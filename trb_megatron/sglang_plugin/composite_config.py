@@ -35,10 +35,12 @@ def _head_dim(cfg: dict) -> int:
 
 def composite_overrides(student_cfg: dict, teacher_cfg: dict | None, settings: TRBSettings
                         ) -> dict:
-    """json_model_override_args for the student's config.json (teacher_cfg None: a plain
-    student engine, no override). ValueError when the models cannot share one KV pool."""
+    """json_model_override_args for the student's config.json (teacher_cfg None: the student
+    alone in the composite class, which keeps the trainer's EOS merge and padding mask).
+    ValueError when the models cannot share one KV pool."""
+    section = {"trb": {**dataclasses.asdict(settings), "stop_ids": list(settings.stop_ids)}}
     if teacher_cfg is None:
-        return {}
+        return {"architectures": [ARCHITECTURE], **section}
     for key, value in (("num_key_value_heads", lambda c: c.get("num_key_value_heads",
                                                                  c["num_attention_heads"])),
                        ("head_dim", _head_dim)):
@@ -49,8 +51,7 @@ def composite_overrides(student_cfg: dict, teacher_cfg: dict | None, settings: T
                 "cache in one pool, which needs equal KV heads and head dim; use "
                 "rollout.backend=megatron for this pair")
     layers = student_cfg["num_hidden_layers"] + teacher_cfg["num_hidden_layers"]
-    return {"architectures": [ARCHITECTURE], "num_hidden_layers": layers,
-            "trb": {**dataclasses.asdict(settings), "stop_ids": list(settings.stop_ids)}}
+    return {"architectures": [ARCHITECTURE], "num_hidden_layers": layers, **section}
 
 
 def read_settings(hf_config) -> TRBSettings:

@@ -1,8 +1,10 @@
 """TRBForCausalLM: the student and the frozen teacher in one SGLang model, blending in forward.
 
 Imported only inside SGLang processes (it imports sglang); `register` is the
-`sglang.srt.plugins` entry point that SGLang's scheduler processes call at startup. Written
-against sglang 0.5.23's source and NOT yet run on a GPU (README, "SGLang backend").
+`sglang.srt.plugins` entry point that every SGLang process calls at startup. SGLang only logs a
+plugin that fails to import or register: trb_megatron.rollout.sglang_engine checks after every
+engine start that this class is serving (a probe request must return trb_beta). Runs on CPU in
+the test suite (tests/sglang); not yet run on a GPU.
 
 Legend: N rows drawing a token in this forward (requests), V this TP rank's vocabulary shard.
 
@@ -12,7 +14,7 @@ the TRB solve over the TP group with a fixed iteration count (trb.static_blend: 
 no host sync, so the decode step stays CUDA-graph capturable), the blended shard, ONE TP
 all-gather, returned as next_token_logits. The stock sampler then samples at temperature 1 with
 no truncation, and its log_softmax log-probs are log mu. Per-row budgets come from a static
-buffer filled before each forward (eps.py); per-row beta, KL(mu || pi_S) and KL(pi_S || pi_T)
+buffer filled by prepare_for_forward (eps.py); per-row beta, KL(mu || pi_S) and KL(pi_S || pi_T)
 land in static buffers that the sample hook hands to the scheduler as customized info.
 """
 
@@ -25,16 +27,16 @@ import copy
 import torch
 from torch import nn
 
-from sglang.srt.distributed import (get_tensor_model_parallel_rank,
-                                    get_tensor_model_parallel_world_size, get_tp_group,
-                                    tensor_model_parallel_all_gather)
+from sglang.srt.distributed.communication_op import tensor_model_parallel_all_gather
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_loader.loader import DefaultModelLoader
 from sglang.srt.models.registry import ModelRegistry
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from sglang.srt.runtime_context import get_parallel
 from transformers import AutoConfig
 
+from trb_megatron.sglang_plugin import cpu_backend
 from trb_megatron.sglang_plugin.composite_config import ARCHITECTURE, read_settings
 from trb_megatron.sglang_plugin.eps import fill_eps_rows
 from trb_megatron.sglang_plugin.weights import TEACHER_PREFIX, align_vocab_rows, route
@@ -90,13 +92,21 @@ class TRBForCausalLM(nn.Module):
             _offset_layer_ids(self.teacher, settings.student_layers)
             self.secondary_weights = (DefaultModelLoader.Source(
                 settings.teacher_path, None, prefix=TEACHER_PREFIX, fall_back_to_pt=True),)
-        self.tp_group = get_tp_group().device_group
+        parallel = get_parallel()
+        self.tp_group = parallel.tp_group.device_group
         self.vocab = StaticVocab.build(
-            rank=get_tensor_model_parallel_rank(), world=get_tensor_model_parallel_world_size(),
+            rank=parallel.tp_rank, world=parallel.tp_size,
             width=self.student.lm_head.weight.shape[0],
             layout=VocabLayout(size=settings.vocab_size, stop_ids=settings.stop_ids))
         for name in ("eps_rows", *STAT_BUFFERS.values()):
             self.register_buffer(name, torch.zeros(settings.max_rows), persistent=False)
+
+    def prepare_for_forward(self, forward_batch) -> None:
+        """Called by SGLang's ModelRunner before every forward and CUDA-graph replay: the
+        batch's budgets into the static eps buffer."""
+        if self.teacher is not None:
+            fill_eps_rows(self.eps_rows, forward_batch.sampling_info.custom_params,
+                          forward_batch.batch_size, self.settings.default_eps)
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None,
                 get_embedding=False, pp_proxy_tensors=None):
@@ -141,21 +151,12 @@ class TRBForCausalLM(nn.Module):
             self.teacher.load_weights(iter(teacher))
 
 
-def _fill_eps(original, runner, forward_batch, *args, **kwargs):
-    """Before every forward (and CUDA-graph replay): the batch's budgets into the buffer."""
-    model = runner.model
-    if isinstance(model, TRBForCausalLM) and model.teacher is not None:
-        info = forward_batch.sampling_info
-        fill_eps_rows(model.eps_rows, getattr(info, "custom_params", None),
-                      forward_batch.batch_size, model.settings.default_eps)
-    return original(runner, forward_batch, *args, **kwargs)
-
-
 def _report_stats(original, runner, logits_output, forward_batch, *args, **kwargs):
     """Hand each request's beta and KLs of this step to the scheduler (customized info,
-    returned to the client as meta_info["trb_beta"], ["trb_kl"], ["trb_reverse_kl"])."""
+    returned to the client as meta_info["trb_beta"], ["trb_kl"], ["trb_reverse_kl"]; zeros for
+    a student-only model). Runs after the forward, outside any CUDA graph."""
     model = runner.model
-    if isinstance(model, TRBForCausalLM) and model.teacher is not None:
+    if isinstance(model, TRBForCausalLM):
         n = forward_batch.batch_size
         logits_output.customized_info = {
             key: getattr(model, buffer)[:n].tolist() for key, buffer in STAT_BUFFERS.items()}
@@ -163,12 +164,13 @@ def _report_stats(original, runner, logits_output, forward_batch, *args, **kwarg
 
 
 def register() -> None:
-    """The `sglang.srt.plugins` entry point: make TRBForCausalLM resolvable and install the
-    eps and statistics hooks, in every SGLang process."""
+    """The `sglang.srt.plugins` entry point, run by SGLang in every one of its processes: make
+    TRBForCausalLM resolvable, install the statistics hook and, without CUDA, the CPU
+    adaptations (cpu_backend.install)."""
+    cpu_backend.install()
     ModelRegistry.models[ARCHITECTURE] = TRBForCausalLM
-    runner = "sglang.srt.model_executor.model_runner.ModelRunner"
-    HookRegistry.register(f"{runner}.forward", _fill_eps, HookType.AROUND)
-    HookRegistry.register(f"{runner}.sample", _report_stats, HookType.AROUND)
+    HookRegistry.register("sglang.srt.model_executor.model_runner.ModelRunner.sample",
+                          _report_stats, HookType.AROUND)
 
 
 EntryClass = TRBForCausalLM

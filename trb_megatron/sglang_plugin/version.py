@@ -7,8 +7,9 @@ untested version must be refused at startup rather than fail (or silently misbeh
 import importlib
 
 SGLANG_VERSION = "0.5.23"
-INSTALL_HINT = ("pip install 'trb-megatron[sglang]' (sglang==0.5.23; it needs a CUDA machine, "
-                "e.g. the project's Docker image)")
+INSTALL_HINT = ("pip install 'trb-megatron[sglang]' on a CUDA machine (the project's Docker "
+                "image has it), or on a CPU machine the project's environment "
+                "(bash scripts/venv.sh: sglang without its CUDA-only requirements)")
 
 
 class SGLangUnavailable(RuntimeError):
@@ -26,7 +27,11 @@ def check_version(found: str) -> None:
 
 
 def require_sglang():
-    """Import sglang and check its version; SGLangUnavailable with the fix otherwise."""
+    """Import sglang and check its version; SGLangUnavailable with the fix otherwise. On a
+    machine without CUDA the CPU adaptations that must precede the import are made first."""
+    from trb_megatron.sglang_plugin import cpu_backend
+
+    cpu_backend.prepare_environment()
     try:
         sglang = importlib.import_module("sglang")
     except ImportError as err:

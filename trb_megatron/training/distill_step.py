@@ -11,6 +11,12 @@ V local vocabulary shard (this TP rank's columns).
    which the schedule's 1/num_microbatches and DDP's 1/dp turn into sum / N_global);
 3. grads finalised (DP all-reduce, TP/PP shared weights), clipped, AdamW step.
 The result is independent of the TP/PP/DP layout up to floating-point reassociation.
+
+The train-inference mismatch: at every response token the loss pass also recomputes the
+behaviour log-prob log mu_trainer(y_t) (the token's beta, the student logits of this forward,
+the teacher logits of the scoring pass, the same EOS merge and padding mask) and reports mean
+and max of |log mu_engine(y_t) - log mu_trainer(y_t)| against the engine's value. Stale engine
+weights, a wrong blend or numerical drift in the rollout engine all show up there.
 """
 
 import dataclasses
@@ -20,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from trb_megatron.rollout.types import RolloutBatch
-from trb_megatron.trb import VocabLayout, per_token_reverse_kl
+from trb_megatron.trb import VocabLayout, blended_token_log_probs, per_token_reverse_kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,10 @@ class StepResult:
     """Token-mean exact per-prefix reverse KL(pi_S || pi_T) (equals loss for "full")."""
     grad_norm: float
     response_tokens: int
+    logprob_diff_mean: float
+    """Mean over response tokens of |log mu_engine(y_t) - log mu_trainer(y_t)|."""
+    logprob_diff_max: float
+    """Max of the same over the global batch."""
     teacher_seconds: float
     train_seconds: float
 
@@ -41,10 +51,13 @@ def _microbatches(batch: RolloutBatch, size: int):
     # logits at position t predict token t + 1: train where token t + 1 is a response token.
     loss_mask = torch.zeros_like(batch.response_mask, dtype=torch.float32)
     loss_mask[:, :-1] = batch.response_mask[:, 1:].float()
-    next_tokens = torch.roll(tokens, shifts=-1, dims=1)
+    shifted = {name: torch.roll(x, shifts=-1, dims=1) for name, x in (
+        ("next_tokens", tokens), ("next_beta", batch.beta),
+        ("next_logprob", batch.behaviour_logprobs))}
     positions = torch.arange(length).expand_as(tokens)
     return [dict(tokens=tokens[i:i + size], positions=positions[i:i + size],
-                 loss_mask=loss_mask[i:i + size], next_tokens=next_tokens[i:i + size])
+                 loss_mask=loss_mask[i:i + size],
+                 **{name: x[i:i + size] for name, x in shifted.items()})
             for i in range(0, tokens.shape[0], size)]
 
 
@@ -66,6 +79,16 @@ class DistillStep:
             num_microbatches=len(microbatches), seq_length=first.shape[1],
             micro_batch_size=first.shape[0], forward_only=forward_only,
             collect_non_loss_data=forward_only)
+
+    def _logprob_diff(self, student_NV, teacher_NV, mb) -> torch.Tensor:
+        """[R] |log mu_engine - log mu_trainer| at the R response tokens of a microbatch."""
+        rows = mb["loss_mask"].reshape(-1).nonzero().squeeze(1)
+        with torch.no_grad():
+            trainer = blended_token_log_probs(
+                student_NV.detach()[rows], teacher_NV[rows], mb["next_beta"].reshape(-1)[rows],
+                mb["next_tokens"].reshape(-1)[rows], group=self.groups.tp, vocab=self.vocab)
+        engine = mb["next_logprob"].reshape(-1)[rows].to(trainer.dtype)
+        return (engine - trainer).abs().double()
 
     def score_teacher(self, microbatches):
         """Teacher logit shards per microbatch ([b, L, V] on the last stage, None elsewhere)."""
@@ -111,9 +134,13 @@ class DistillStep:
                         exact = (per_token_reverse_kl(
                             logits.reshape(-1, width), mb["teacher_logits"].reshape(-1, width),
                             group=self.groups.tp, vocab=self.vocab) * mask).sum()
+                diff = self._logprob_diff(logits.reshape(-1, width),
+                                          mb["teacher_logits"].reshape(-1, width), mb)
                 # the schedule divides the returned loss in place: report copies
                 return kl_sum * scale, {"kl_sum": kl_sum.detach().clone(),
-                                        "exact_sum": exact.clone()}
+                                        "exact_sum": exact.clone(),
+                                        "diff_sum": diff.sum(),
+                                        "diff_max": diff.max() if diff.numel() else diff.sum()}
 
             return output, loss_fn
 
@@ -123,17 +150,23 @@ class DistillStep:
         finalize_model_grads([self.ddp], pg_collection=self.groups)
         # One value for every rank: last-stage, TP-rank-0 ranks contribute their sums.
         contributes = self.last_stage and self.groups.tp.rank() == 0
-        sums = torch.tensor([[float(r["kl_sum"]), float(r["exact_sum"])] for r in reports]
-                            if contributes and reports else [[0.0, 0.0]], dtype=torch.float64)
+        keys = ("kl_sum", "exact_sum", "diff_sum")
+        sums = torch.tensor([[float(r[k]) for k in keys] for r in reports]
+                            if contributes and reports else [[0.0] * len(keys)],
+                            dtype=torch.float64)
         total = sums.sum(0)
         dist.all_reduce(total)
-        loss, reverse_kl = (float(x) / global_tokens for x in total)
+        diff_max = torch.tensor([max((float(r["diff_max"]) for r in reports), default=0.0)
+                                 if contributes else 0.0], dtype=torch.float64)
+        dist.all_reduce(diff_max, op=dist.ReduceOp.MAX)
+        loss, reverse_kl, diff_mean = (float(x) / global_tokens for x in total)
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"non-finite loss {loss}")
         _, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
-        return StepResult(loss=loss, reverse_kl=reverse_kl, grad_norm=grad_norm, response_tokens=int(global_tokens),
-                          teacher_seconds=teacher_seconds,
+        return StepResult(loss=loss, reverse_kl=reverse_kl, grad_norm=grad_norm,
+                          response_tokens=int(global_tokens), logprob_diff_mean=diff_mean,
+                          logprob_diff_max=float(diff_max), teacher_seconds=teacher_seconds,
                           train_seconds=time.perf_counter() - start)

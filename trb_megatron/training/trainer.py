@@ -161,6 +161,8 @@ class Trainer:
             **{k: v for k, v in stats.items() if k != "response_tokens"},
             "rollout_tokens_per_s": stats["response_tokens"] / max(rollout_s, 1e-9),
             "train_tokens_per_s": total_tokens / max(result.train_seconds, 1e-9),
+            "rollout_logprob_diff_mean": result.logprob_diff_mean,
+            "rollout_logprob_diff_max": result.logprob_diff_max,
             "time_rollout_s": rollout_s, "time_teacher_s": result.teacher_seconds,
             "time_train_s": result.train_seconds, "time_sync_s": sync_s,
             "lr": lr, "grad_norm": result.grad_norm,
@@ -195,6 +197,7 @@ class Trainer:
                 self.step += 1
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps) \
                         and self.evaluate is not None:
+                    self.engine.sync_weights()  # evaluate the weights of this step
                     record.update(self.evaluate(self.step))
                 self.metrics.log(record)
                 bar.update(1)
@@ -211,6 +214,11 @@ class Trainer:
             bar.close()
             self.metrics.close()
             signal.signal(signal.SIGTERM, previous)
+
+    def close(self) -> None:
+        """Shut the rollout engine down (SGLang: its processes, which would otherwise keep this
+        process from exiting). Call once the trainer and its engine are no longer needed."""
+        self.engine.shutdown()
 
     def _on_sigterm(self, signum, frame):
         self._stop_requested = True

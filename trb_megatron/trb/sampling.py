@@ -10,12 +10,12 @@ the winner is found with one all-gather of (value, id, log-prob) triples per row
 sampled ids are identical on every rank and for any sharding of the same vocabulary.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .vocab import (all_gather_rows, combine_weighted, describe_shard, logsumexp, lse_stats,
-                    merge_stops, prepare_logits)
+from .vocab import (all_gather_rows, column_values, combine_weighted, describe_shard, logsumexp,
+                    lse_stats, merge_stops, prepare_logits)
 
 _MASK32 = 0xFFFFFFFF
 
@@ -39,6 +39,28 @@ def blended_log_probs(student_logits, teacher_logits, beta, *, group=None, vocab
     pair = (student_logits,) if teacher_logits is None else (student_logits, teacher_logits)
     shard = describe_shard(*pair, group=group, vocab=vocab)
     return _log_mu(shard, student_logits, teacher_logits, beta, dtype)
+
+
+def blended_token_log_probs(student_logits, teacher_logits, beta, tokens, *, group=None,
+                            vocab=None, dtype=torch.float32, chunk_rows=None):
+    """[N] log mu_beta(tokens[n]) of row n: the `blended_log_probs` value at each row's token
+    (a global id), identical on every rank, computed in row chunks (~4 MiB each, the same count
+    on every rank) so no [N, V] temporary is made. beta: [N] or float; teacher_logits may be
+    None when beta is 0 everywhere. What the trainer compares with the rollout engine's
+    log-probs (the train-inference mismatch)."""
+    pair = (student_logits,) if teacher_logits is None else (student_logits, teacher_logits)
+    shard = describe_shard(*pair, group=group, vocab=vocab)
+    beta_N = torch.as_tensor(beta, dtype=dtype, device=student_logits.device).expand(shard.rows)
+    step = chunk_rows or max(1, (1 << 20) // max(shard.total // shard.world, 1))
+    out = []
+    for start in range(0, shard.rows, step):
+        rows = slice(start, min(start + step, shard.rows))
+        part = replace(shard, rows=rows.stop - rows.start)
+        log_mu = _log_mu(part, student_logits[rows],
+                         None if teacher_logits is None else teacher_logits[rows],
+                         beta_N[rows], dtype)
+        out.append(column_values(log_mu, tokens[rows].unsqueeze(1), part)[:, 0])
+    return torch.cat(out) if out else beta_N.new_zeros(0)
 
 
 def _log_mu(shard, student_logits, teacher_logits, beta, dtype):

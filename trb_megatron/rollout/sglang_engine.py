@@ -56,6 +56,8 @@ from trb_megatron.sglang_plugin.eps import EPS_KEY
 from trb_megatron.sglang_plugin.version import require_sglang
 
 GROUP_NAME = "trb_weight_update"
+PLUGIN = "trb_megatron"
+"""Name of this package's `sglang.srt.plugins` entry point (setup.py)."""
 PROBE_EPS = 1e9
 """The probe request's budget: every teacher is feasible (beta = 1 exactly)."""
 MEMORY_TAGS = ["kv_cache", "cuda_graph"]
@@ -116,6 +118,30 @@ def checked(call: str, result) -> str:
     if success is not True:
         raise RuntimeError(f"SGLang {call} failed: {message}")
     return message
+
+
+def check_plugin() -> None:
+    """Load the TRB plugin the way every SGLang process will (its entry point), raising what
+    SGLang would only log: not installed, excluded by SGLANG_PLUGINS, or failing to import."""
+    from importlib.metadata import entry_points
+
+    from sglang.srt.environ import envs
+
+    found = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == PLUGIN]
+    if not found:
+        raise RuntimeError(f"the SGLang plugin entry point {PLUGIN!r} (group sglang.srt.plugins) "
+                           "is not installed: install this package (pip install -e .) in the "
+                           "environment that runs SGLang")
+    allowed = envs.SGLANG_PLUGINS.get()
+    if allowed and PLUGIN not in {name.strip() for name in allowed.split(",")}:
+        raise RuntimeError(f"SGLANG_PLUGINS={allowed!r} leaves out the TRB plugin {PLUGIN!r}: "
+                           f"add it to the list or unset the variable")
+    try:
+        found[0].load()
+    except Exception as err:
+        raise RuntimeError(f"the TRB plugin {found[0].value} fails to import "
+                           f"({type(err).__name__}: {err}); SGLang would only log this and "
+                           "serve without the TRB model") from err
 
 
 def verify_trb_model(outputs, *, teacher: bool) -> None:
@@ -196,6 +222,7 @@ class SGLangRolloutEngine:
                                teacher_dir=self.teacher_dir if self.teacher_loaded else None,
                                vocab=self.vocab, tp_size=self.engine_tp, seed=self.seed)
         self.memory_saver = kwargs["enable_memory_saver"]
+        check_plugin()
         self.engine = self.sglang.Engine(**kwargs)
         try:
             verify_trb_model(self._engine_generate([[0]], [self._probe_params()]),

@@ -1,4 +1,5 @@
-"""Config: nested dicts -> typed dataclasses with clear errors; the README reference is current."""
+"""Config: nested dicts -> typed dataclasses with clear errors; the reference in
+docs/configuration.md is current; missing paths are named."""
 
 import dataclasses
 from pathlib import Path
@@ -36,9 +37,10 @@ def test_validate_names_field_and_rule():
         cfg.validate()
 
 
-def test_readme_reference_is_current():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert reference_table() in readme, "run tools/config_reference.py and paste into README"
+def test_configuration_reference_is_current():
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert reference_table() in page, \
+        "run tools/config_reference.py and paste its table into docs/configuration.md"
 
 
 def _toy_config(root: Path, **model) -> Config:
@@ -66,27 +68,27 @@ def test_an_override_outside_the_toy_build_is_missing(tmp_path):
     assert list(missing_paths(config)) == ["model.teacher"]
 
 
+def _with_models(root: Path, **sections) -> Config:
+    """A config whose student and teacher directories exist, plus `sections`."""
+    for name in ("student", "teacher"):
+        (root / name).mkdir()
+    return from_dict(Config, {"model": {"student": str(root / "student"),
+                                        "teacher": str(root / "teacher")},
+                              "train": {"steps": 1}, **sections})
+
+
 @pytest.mark.parametrize("value, is_path", [
     ("prompts.jsonl", True), ("data/test.parquet", True), ("/data/prompts", True),
     ("./prompts", True), ("../prompts", True), ("~/prompts", True),
     ("gsm8k", False), ("openai/gsm8k", False), ("HuggingFaceH4/MATH-500", False),
 ])
 def test_data_paths_are_told_from_dataset_names(tmp_path, value, is_path):
-    (tmp_path / "student").mkdir()
-    (tmp_path / "teacher").mkdir()
-    config = from_dict(Config, {"model": {"student": str(tmp_path / "student"),
-                                          "teacher": str(tmp_path / "teacher")},
-                                "train": {"steps": 1}, "data": {"path_or_name": value}})
+    config = _with_models(tmp_path, data={"path_or_name": value})
     expected = {"data.path_or_name": f"data.path_or_name={value}: no such file or directory"}
     assert missing_paths(config) == (expected if is_path else {})
 
 
 def test_existing_paths_pass(tmp_path):
-    for name in ("student", "teacher"):
-        (tmp_path / name).mkdir()
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1="}\n')
-    config = from_dict(Config, {"model": {"student": str(tmp_path / "student"),
-                                          "teacher": str(tmp_path / "teacher")},
-                                "train": {"steps": 1},
-                                "data": {"path_or_name": str(tmp_path / "train.jsonl")}})
+    config = _with_models(tmp_path, data={"path_or_name": str(tmp_path / "train.jsonl")})
     assert missing_paths(config) == {}

@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["trb_megatron", "trb_megatron.*"]),
     install_requires=[
-        # Any torch the environment provides; CPU installs pin torch==2.13.0 first (README).
+        # Any torch the environment provides; CPU installs pin torch first (scripts/venv.sh).
         "torch>=2.6",
         # 0.16.1 is the newest release for Python 3.11 and the one the CPU backend patches are
         # tested against; trb_megatron.parallel refuses any other version at run time.

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from trb_megatron.toy.build import OUTPUTS
 from trb_megatron.toy.task import (extract_answer, is_correct, is_well_formed, make_problem,
                                    make_splits, read_jsonl, write_jsonl)
 
@@ -132,6 +133,7 @@ def test_build_writes_loadable_checkpoints(builds):
     out = root / "a"
     assert not manifest["reused"] and not (root / "a.partial").exists()
     assert json.loads((out / "manifest.json").read_text())["build"] == manifest["build"]
+    assert all((out / name).exists() for name in OUTPUTS)  # what configs may name before a build
     tok = AutoTokenizer.from_pretrained(out / "teacher")
     configs = {}
     for who in ("teacher", "student"):

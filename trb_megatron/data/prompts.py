@@ -72,6 +72,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def names_local_path(path_or_name: str) -> bool:
+    """Whether `path_or_name` can only mean a local file or directory (so its absence is an
+    error, not a dataset to look up): a data-file suffix, an absolute path, or one that starts
+    with . or ~ (not expanded), none of which a dataset name has."""
+    path = Path(path_or_name)
+    return (path.suffix.lower() in LOCAL_FORMATS or path.is_absolute()
+            or path_or_name.startswith((".", "~")))
+
+
 @dataclasses.dataclass
 class PromptSet:
     """token_ids: one list of token ids per kept prompt; answers: the reference answers (str) in

@@ -35,6 +35,8 @@ from trb_megatron.toy.train import (PROMPT_TOKENS, RESPONSE_TOKENS, STUDENT_SIZE
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+OUTPUTS = ("student", "teacher", "data/train.jsonl", "data/test.jsonl", "data/val.jsonl")
+"""What a build creates in OUT, which configs name before the first build has run."""
 
 
 @dataclass(frozen=True)

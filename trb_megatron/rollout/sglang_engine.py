@@ -35,6 +35,7 @@ student samples, teacher compute wasted) until relaunched.
 """
 
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +204,7 @@ class SGLangRolloutEngine:
         self.driver = groups.tp.rank() == 0
         self.engine = None
         self.memory_saver = False
+        self.engine_starts = 0
         self.engine_tp = settings.tp_size or groups.tp.size()
         self.teacher_loaded = True
         self.update_group = None
@@ -223,6 +225,7 @@ class SGLangRolloutEngine:
                                vocab=self.vocab, tp_size=self.engine_tp, seed=self.seed)
         self.memory_saver = kwargs["enable_memory_saver"]
         check_plugin()
+        start = time.perf_counter()
         self.engine = self.sglang.Engine(**kwargs)
         try:
             verify_trb_model(self._engine_generate([[0]], [self._probe_params()]),
@@ -231,6 +234,10 @@ class SGLangRolloutEngine:
             self.shutdown()
             raise
         self._memory("release_memory_occupation")
+        self.engine_starts += 1
+        print(f"[sglang] engine {self.engine_starts} of replica {self.groups.dp.rank()} started "
+              f"({'student + teacher' if self.teacher_loaded else 'student only'}, "
+              f"TP={self.engine_tp}) in {time.perf_counter() - start:.0f} s", flush=True)
 
     def _memory(self, call: str) -> None:
         """Release or resume the KV cache and CUDA graphs (GPU memory saver only). sglang

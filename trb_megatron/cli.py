@@ -18,6 +18,14 @@ DEFAULT_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
 ROLES = ("student", "teacher")
 
 
+def check_job(config) -> None:
+    """What the job needs beyond a valid Config (the Trainer API takes prompts directly)."""
+    if config.data is None:
+        raise ValueError("the job needs a data section with its training prompts: set "
+                         "data.path_or_name (and data.prompt_field) in the config or as an "
+                         "override, e.g. data.path_or_name=prompts.jsonl")
+
+
 def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
     """Validate config and layout for nnodes x nproc_per_node ranks; return the plan text.
     Paths missing on this machine are listed, not rejected, while the layout can still be
@@ -82,6 +90,7 @@ def main(argv=None) -> int:
     config_path = os.environ.get("CONFIG") or str(DEFAULT_CONFIG)
     try:
         config = load_config(config_path, argv)
+        check_job(config)
         if os.environ.get("DRY_RUN") == "1":
             print(dry_run(config, int(os.environ.get("NNODES", "1")),
                           int(os.environ.get("NPROC_PER_NODE", "1"))))

@@ -83,7 +83,7 @@ def run_job(config: Config) -> int:
     evaluate = None
     results = {}
     if config.eval is not None:
-        test_set = load_prompts(config.eval.data, tokenizer_path(model.student))
+        test_set = load_prompts(config.eval.data, tokenizer_path(model.student), key="eval.data")
         tokenizer = load_tokenizer(tokenizer_path(model.student))
 
         def accuracy(engine, step=0):

@@ -90,6 +90,7 @@ def test_missing_path_stops_before_torchrun():
     ("trb.eps=0.1", "unknown key(s) trb.eps; valid keys of trb: anneal_steps, eps0"),
     ("train.steps=many", "train.steps must be int, got 'many'"),
     ("loss.estimator=forward", "loss.estimator must be one of"),
+    ("data=null", "the job needs a data section with its training prompts"),
 ])
 def test_config_errors_name_the_key(override, message):
     env = {**os.environ, "DRY_RUN": "1",

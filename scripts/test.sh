@@ -24,11 +24,12 @@ print("Python", platform.python_version() + ", megatron-core", m.version("megatr
   set +e
   "$TRB_PYTHON" -m pytest "${selection[@]}" "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
-  set -e
-  # pytest's closing line, e.g. "== 300 passed, 5 skipped, 2 warnings in 420.1s (0:07:00) =="
-  counts="$(tail -n 1 "$log" \
+  # pytest's closing line, e.g. "== 300 passed, 5 skipped, 2 warnings in 420.1s (0:07:00) ==";
+  # not simply the last line: the interpreter may print warnings at exit after it.
+  counts="$(grep -E ' in [0-9.]+s( \([0-9:]+\))?( =+)?$' "$log" | tail -n 1 \
     | grep -oE '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselected)' \
     | paste -sd, - | sed 's/,/, /g')"
+  set -e
   summary+=("$env ($versions): ${counts:-no tests}, exit $rc, $((SECONDS - start)) s")
   for kind in passed failed skipped error; do
     n="$(grep -oE "[0-9]+ $kind" <<<"$counts" | cut -d' ' -f1 || true)"

@@ -6,11 +6,11 @@
 #   docker build -t trb-megatron:0.1.0 --build-arg BASE_IMAGE=... --build-arg MCORE_VERSION=0.16.1 \
 #       --build-arg TE_VERSION=2.9.0 .      (a base image with Python 3.11)
 #   docker run --gpus all --ipc=host -v /shared:/shared trb-megatron:0.1.0 \
-#       bash examples/run_trb_distill.sh model.student=/shared/... (README: Running on a cluster)
+#       bash examples/run_trb_distill.sh model.student=/shared/... (docs/cluster.md)
 #   enroot import dockerd://trb-megatron:0.1.0   (a .sqsh for pyxis: examples/slurm/)
 #
 # Every version is a build argument, so a rebuild with the same arguments installs the same
-# stack. No model weights or data are baked in: mount them (README). Linted by
+# stack. No model weights or data are baked in: mount them (docs/cluster.md). Linted by
 # tests/unit/test_packaging.py with hadolint; each remaining rule exception is justified inline.
 
 # SGLang 0.5.23 (the `sglang` extra of setup.py) on CUDA 13; its torch is the one everything

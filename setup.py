@@ -1,7 +1,8 @@
 """Packaging for trb-megatron.
 
-CPU install (what tests and the embedded default use): `bash scripts/venv.sh`, which pins torch
-first and every other version from scripts/constraints-cpu.txt, so nothing pulls other builds.
+CPU install (what tests and the embedded default use: torch, sglang without its CUDA-only
+requirements and this package in one environment, every version pinned): bash scripts/venv.sh
+(and `bash scripts/venv.sh py312` for the Python 3.12 environment with megatron-core 0.19.2).
 """
 
 from setuptools import find_packages, setup
@@ -16,6 +17,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["trb_megatron", "trb_megatron.*"]),
+    # The sgl_kernel stand-in for SGLang on CPU: a data folder that only
+    # trb_megatron.sglang_plugin.cpu_backend puts on the module path (never a top-level package).
+    package_data={"trb_megatron.sglang_plugin": ["cpu_kernels/sgl_kernel/*.py"]},
     install_requires=[
         # Any torch the environment provides; CPU installs pin torch 2.14.1 first (scripts/venv.sh).
         "torch>=2.6",

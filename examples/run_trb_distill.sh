@@ -12,7 +12,8 @@
 # Environment: CONFIG (YAML, default toy_cpu.yaml without a GPU), NNODES (1), NODE_RANK (0),
 # NPROC_PER_NODE (GPUs on this node, or 2 on CPU), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
 # DRY_RUN=1 (validate the config and the layout for NNODES x NPROC_PER_NODE, print the plan,
-# no GPU needed). Extra arguments are dotted config overrides, e.g. trb.method=opd.
+# no GPU needed). Extra arguments are dotted config overrides, e.g. trb.method=opd. Config errors
+# and paths that do not exist exit with code 2 before torchrun starts (CHECK_ONLY=1 below).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -36,6 +37,7 @@ cd "$root"
 if [ "${DRY_RUN:-0}" = "1" ]; then
   exec "$py" "$0" "$@"
 fi
+CHECK_ONLY=1 "$py" "$0" "$@"
 exec "$py" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" --master-addr "${MASTER_ADDR:-127.0.0.1}" \
   --master-port "${MASTER_PORT:-29500}" "$0" "$@"

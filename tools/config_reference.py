@@ -1,8 +1,8 @@
-"""Print the configuration reference table of README.md from the config dataclasses.
+"""Print the configuration reference table of docs/configuration.md from the config dataclasses.
 
     python tools/config_reference.py
 
-tests/unit/test_config.py checks that README.md contains exactly this table.
+tests/unit/test_config.py checks that docs/configuration.md contains exactly this table.
 """
 
 import ast

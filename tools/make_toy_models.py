@@ -10,7 +10,6 @@ tests and experiments; the defaults are the toy default.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -27,8 +26,8 @@ def _parser():
     parser.add_argument("--out-dir", default="runs/toy_models", help="output directory")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds data, init and order")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT is cached")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: the available cores, at most 8)")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="torch CPU threads; part of the build (results depend on it)")
     g = parser.add_argument_group("sizes (tests and experiments)")
     g.add_argument("--n-train", type=int, default=d.n_train)
     g.add_argument("--n-test", type=int, default=d.n_test)
@@ -68,21 +67,15 @@ def _spec(args):
                         teacher_eval_every=args.teacher_eval_every,
                         student_max_steps=args.student_max_steps,
                         student_eval_every=args.student_eval_every,
-                        student_target=args.student_target)
+                        student_target=args.student_target, threads=args.threads)
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    import torch
-    from transformers.utils import logging as hf_logging
+    from trb_megatron.toy.build import build_pinned
 
-    from trb_megatron.toy.build import build_toy_models
-
-    hf_logging.disable_progress_bar()  # per-file "Writing model shards" bars drown the log
-    torch.set_num_threads(args.threads or min(8, len(os.sched_getaffinity(0))))
     try:
-        manifest = build_toy_models(args.out_dir, _spec(args), force=args.force,
-                                    log=lambda msg: print(msg, flush=True))
+        manifest = build_pinned(args.out_dir, _spec(args), force=args.force)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     for who in ("teacher", "student"):

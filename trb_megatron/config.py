@@ -9,8 +9,9 @@ import dataclasses
 import math
 import types
 import typing
+from pathlib import Path
 
-from trb_megatron.data import DataConfig
+from trb_megatron.data import DataConfig, names_local_path
 from trb_megatron.parallel.profile import FP8_AMAX_ALGOS, FP8_FORMATS, FP8_RECIPES, FP8Settings
 from trb_megatron.trb import ESTIMATORS, METHODS
 
@@ -342,8 +343,6 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 def load_config(path, overrides=()) -> Config:
     """Config from a YAML file plus dotted overrides, validated."""
-    from pathlib import Path
-
     import yaml
 
     path = Path(path)
@@ -351,3 +350,22 @@ def load_config(path, overrides=()) -> Config:
         raise ValueError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     return from_dict(Config, apply_overrides(data, overrides)).validate()
+
+
+def missing_paths(config: Config) -> dict[str, str]:
+    """{key: "key=path: no such ..."} for each local path of `config` that does not exist, for
+    the launcher to stop on before any process starts: model.student, model.teacher, and
+    data.path_or_name / eval.data.path_or_name where they can only be local paths
+    (names_local_path; other values are dataset names). With a toy section the toy build's own
+    outputs in toy.out_dir are not missing: the run builds them first."""
+    from trb_megatron.toy.build import OUTPUTS
+
+    built = set() if config.toy is None else {(Path(config.toy.out_dir) / name).resolve()
+                                              for name in OUTPUTS}
+    paths = {"model.student": (config.model.student, "directory"),
+             "model.teacher": (config.model.teacher, "directory")}
+    for key, data in (("data", config.data), ("eval.data", config.eval and config.eval.data)):
+        if data is not None and names_local_path(data.path_or_name):
+            paths[f"{key}.path_or_name"] = (data.path_or_name, "file or directory")
+    return {key: f"{key}={path}: no such {kind}" for key, (path, kind) in paths.items()
+            if not Path(path).exists() and Path(path).resolve() not in built}

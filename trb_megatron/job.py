@@ -7,11 +7,9 @@
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from trb_megatron.checkpoint.convert import META, hf_to_megatron, source_fingerprint
@@ -62,13 +60,10 @@ def run_job(config: Config) -> int:
     rank0 = dist.get_rank() == 0
     run_dir = Path(config.train.run_dir)
     if config.toy is not None:
-        if rank0:  # the other ranks wait, so the build may use every core
-            from trb_megatron.toy.build import ToyBuildSpec, build_toy_models
+        if rank0:  # the other ranks wait; the build runs in its own pinned process
+            from trb_megatron.toy.build import ToyBuildSpec, build_pinned
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(os.cpu_count() or 1)
-            build_toy_models(config.toy.out_dir, ToyBuildSpec(seed=config.toy.seed))
-            torch.set_num_threads(threads)
+            build_pinned(config.toy.out_dir, ToyBuildSpec(seed=config.toy.seed))
         dist.barrier()
     model = dataclasses.replace(
         config.model,
@@ -83,7 +78,7 @@ def run_job(config: Config) -> int:
     evaluate = None
     results = {}
     if config.eval is not None:
-        test_set = load_prompts(config.eval.data, tokenizer_path(model.student))
+        test_set = load_prompts(config.eval.data, tokenizer_path(model.student), key="eval.data")
         tokenizer = load_tokenizer(tokenizer_path(model.student))
 
         def accuracy(engine, step=0):

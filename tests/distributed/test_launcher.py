@@ -68,15 +68,32 @@ def test_dry_run_for_four_nodes_of_eight_gpus():
                           text=True)
     assert done.returncode == 0, done.stderr
     assert "32: TP=2 x PP=1 x DP=16" in done.stdout and "layout OK" in done.stdout
+    # the layout comes from the published architectures; the absent weights are named
+    assert "model.student=checkpoints/qwen3-1.7b-base: no such directory" in done.stdout
     bad = subprocess.run(["bash", str(LAUNCHER), "parallel.pipeline_parallel=5"], env=env,
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "world size 32 is not divisible by TP=2 x PP=5" in bad.stderr
+
+
+def test_missing_path_stops_before_torchrun():
+    """A model override that does not exist while the toy default is active: one line naming the
+    key, exit code 2, no worker started; DRY_RUN says the same instead of 'layout OK'."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "DRY_RUN")}
+    for extra in ({"DRY_RUN": "1"}, {}):
+        done = subprocess.run(["bash", str(LAUNCHER), "model.student=/nonexistent"],
+                              env={**env, **extra}, cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output[-3000:]
+        assert "error: model.student=/nonexistent: no such directory" in done.stderr, output
+        assert "Traceback" not in output and "layout OK" not in output
 
 
 @pytest.mark.parametrize("override, message", [
     ("trb.eps=0.1", "unknown key(s) trb.eps; valid keys of trb: anneal_steps, eps0"),
     ("train.steps=many", "train.steps must be int, got 'many'"),
     ("loss.estimator=forward", "loss.estimator must be one of"),
+    ("data=null", "the job needs a data section with its training prompts"),
 ])
 def test_config_errors_name_the_key(override, message):
     env = {**os.environ, "DRY_RUN": "1",

@@ -113,6 +113,9 @@ def test_limit_reads_the_first_rows(files, tokenizers):
 def test_bad_fields_and_splits_are_named(files, tokenizers, change, message):
     with pytest.raises(ValueError, match=message):
         load_prompts(config(files / "rows.jsonl", **change), tokenizers[0])
+    # the evaluation set's errors name its own section
+    with pytest.raises(ValueError, match=message.replace("data.", "eval.data.")):
+        load_prompts(config(files / "rows.jsonl", **change), tokenizers[0], key="eval.data")
 
 
 def test_missing_and_unsupported_files(files, tokenizers, tmp_path):
@@ -139,5 +142,7 @@ def test_validate_names_every_bad_field():
                                          r"data.max_prompt_tokens must be an int >= 1, got 0.*"
                                          r"data.limit must be an int >= 0"):
         bad.validate()
+    with pytest.raises(ValueError, match=r"invalid eval.data config: eval.data.path_or_name"):
+        bad.validate("eval.data")
     with pytest.raises(TypeError):
         DataConfig("rows.jsonl")  # keyword-only

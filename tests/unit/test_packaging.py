@@ -45,6 +45,26 @@ def _dockerfile_args() -> dict[str, str]:
     return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.M))
 
 
+def test_sglang_cpu_requirements_follow_sglangs_metadata():
+    """scripts/requirements-sglang-cpu.txt holds exactly the installed sglang's requirements
+    minus those its header leaves out (CUDA-only or unused), so an sglang upgrade cannot add or
+    drop a requirement unnoticed."""
+    from importlib.metadata import requires, version
+
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "scripts" / "requirements-sglang-cpu.txt").read_text()
+    assert f"sglang {version('sglang')}'s requirements" in text
+    listed = {canonicalize_name(Requirement(line).name) for line in text.splitlines()
+              if line.strip() and not line.startswith("#")}
+    left_out = {canonicalize_name(name) for line in text.splitlines()
+                if line.startswith("#   ") for name in line[1:].split()} | {"torch", "torchvision"}
+    needed = {canonicalize_name(r.name) for r in map(Requirement, requires("sglang"))
+              if r.marker is None or r.marker.evaluate({"extra": ""})}
+    assert left_out <= needed, left_out - needed
+    assert listed == needed - left_out, (listed ^ (needed - left_out))
+
+
 def test_dockerfile_lints_clean():
     done = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)],
                           capture_output=True, text=True)

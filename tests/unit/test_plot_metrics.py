@@ -1,4 +1,5 @@
-"""tools/plot_metrics.py: curves of several runs in one PNG, seeds of a method grouped."""
+"""tools/plot_metrics.py: curves of several runs in one PNG, seeds of a method grouped, the
+evaluation curve from the accuracy before training on, each evaluation marked."""
 
 import json
 import sys
@@ -8,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.plot_metrics import main, method_of, plot_runs  # noqa: E402
+from tools.plot_metrics import EVAL, curves, figure, main, method_of, plot_runs  # noqa: E402
 
 
 def _write_run(run_dir: Path, eps0: float, steps: int = 6) -> Path:
@@ -42,3 +43,31 @@ def test_missing_run_directory_is_named(tmp_path, capsys):
     _write_run(tmp_path / "trb_s0", 0.1)
     with pytest.raises(SystemExit, match="not_a_run/metrics.jsonl does not exist"):
         main([str(tmp_path / "trb_s0"), str(tmp_path / "not_a_run")])
+
+
+def test_evaluation_curve_starts_before_training(tmp_path):
+    """Evaluations logged with the records of steps 2 and 5 measured the weights after 3 and 6
+    steps; summary.json's accuracy before training is the point at 0."""
+    run = _write_run(tmp_path / "trb_s0", 0.1)
+    assert curves(run)[EVAL] == [(3, pytest.approx(0.2)), (6, pytest.approx(0.5))]
+    (run / "summary.json").write_text(json.dumps({"student_accuracy_before": 0.05}))
+    assert curves(run)[EVAL] == [(0, 0.05), (3, pytest.approx(0.2)), (6, pytest.approx(0.5))]
+    # a resumed run's summary has no accuracy before training
+    (run / "summary.json").write_text(json.dumps({"status": "done"}))
+    assert curves(run)[EVAL][0][0] == 3
+
+
+def test_evaluations_are_marked(tmp_path):
+    import matplotlib.pyplot as plt
+
+    run = _write_run(tmp_path / "trb_s0", 0.1)
+    (run / "summary.json").write_text(json.dumps({"student_accuracy_before": 0.05}))
+    fig = figure([run])
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes}
+        (line,) = panels["eval accuracy"].lines
+        assert line.get_marker() == "o"
+        assert line.get_xydata().ravel().tolist() == pytest.approx([0, 0.05, 3, 0.2, 6, 0.5])
+        assert all(line.get_marker() == "None" for line in panels["loss / reverse KL"].lines)
+    finally:
+        plt.close(fig)

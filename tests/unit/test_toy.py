@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from trb_megatron.toy.build import OUTPUTS
 from trb_megatron.toy.task import (extract_answer, is_correct, is_well_formed, make_problem,
                                    make_splits, read_jsonl, write_jsonl)
 
@@ -114,14 +115,10 @@ def builds(tmp_path_factory):
     """Two CLI builds with the same seed, then a third call that must reuse the first."""
     from tools.make_toy_models import main
 
-    threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("toy")
-    try:
-        first = main(["--out-dir", str(root / "a")] + TINY_ARGS)
-        second = main(["--out-dir", str(root / "b")] + TINY_ARGS)
-        again = main(["--out-dir", str(root / "a")] + TINY_ARGS)
-    finally:
-        torch.set_num_threads(threads)
+    first = main(["--out-dir", str(root / "a")] + TINY_ARGS)
+    second = main(["--out-dir", str(root / "b")] + TINY_ARGS)
+    again = main(["--out-dir", str(root / "a")] + TINY_ARGS)
     return root, first, second, again
 
 
@@ -132,6 +129,7 @@ def test_build_writes_loadable_checkpoints(builds):
     out = root / "a"
     assert not manifest["reused"] and not (root / "a.partial").exists()
     assert json.loads((out / "manifest.json").read_text())["build"] == manifest["build"]
+    assert all((out / name).exists() for name in OUTPUTS)  # what configs may name before a build
     tok = AutoTokenizer.from_pretrained(out / "teacher")
     configs = {}
     for who in ("teacher", "student"):
@@ -175,13 +173,9 @@ def test_build_is_deterministic_and_cached(builds, capsys):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (root / "a/data/train.jsonl").read_bytes() == (root / "b/data/train.jsonl").read_bytes()
     assert again["reused"] and again["teacher"] == first["teacher"]
-    threads = torch.get_num_threads()
-    try:
-        from tools.make_toy_models import main
+    from tools.make_toy_models import main
 
-        assert main(["--out-dir", str(root / "a")] + TINY_ARGS)["reused"]
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["--out-dir", str(root / "a")] + TINY_ARGS)["reused"]
     assert "reusing cached toy models" in capsys.readouterr().out
     (root / "c").mkdir()
     (root / "c" / "notes.txt").write_text("mine")
@@ -198,16 +192,31 @@ def test_other_arguments_rebuild_and_force(builds):
                                         "--student-max-steps", "2"])
     messages = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rebuilt = build_toy_models(root / "b", spec, log=messages.append)
-        assert not rebuilt["reused"] and rebuilt["build"]["seed"] == 1
-        assert "other arguments (seed, student_max_steps, teacher_steps)" in messages[0]
-        assert build_toy_models(root / "b", spec, log=messages.append)["reused"]
-        assert not build_toy_models(root / "b", spec, force=True, log=messages.append)["reused"]
-    finally:
-        torch.set_num_threads(threads)
+    rebuilt = build_toy_models(root / "b", spec, log=messages.append)
+    assert torch.get_num_threads() == threads  # the build's own thread count is restored
+    assert not rebuilt["reused"] and rebuilt["build"]["seed"] == 1
+    # (cpu_capability differs too where the host has more than AVX2: this build runs in-process,
+    # the first one in the pinned child)
+    assert "other arguments (" in messages[0] and all(
+        key in messages[0] for key in ("seed", "student_max_steps", "teacher_steps"))
+    assert build_toy_models(root / "b", spec, log=messages.append)["reused"]
+    assert not build_toy_models(root / "b", spec, force=True, log=messages.append)["reused"]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("b")) == ["b"]
+
+
+def test_cli_builds_pin_the_instruction_set(builds):
+    """tools/make_toy_models.py (and the job) build in a child process whose kernels run at
+    AVX2 on any x86-64 host that has it: what makes a build the same on every such machine."""
+    import platform
+
+    from trb_megatron.toy.build import PINNED_ISA, _pinned_capability
+
+    root, manifest, _, _ = builds
+    environment, capability = _pinned_capability()
+    assert manifest["build"]["cpu_capability"] == capability
+    if platform.machine() == "x86_64" and capability == "AVX2":
+        assert environment == PINNED_ISA
+    assert manifest["build"]["threads"] == 1  # TINY_ARGS' --threads, part of the build
 
 
 def test_manifest_pairs_with_the_vocabulary_check(builds):

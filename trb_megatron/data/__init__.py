@@ -2,7 +2,7 @@
 student's chat template or as raw text, tokenized, with over-long prompts dropped and counted."""
 
 from .prompts import (PAPER_SYSTEM_PROMPT, DataConfig, PromptSet, load_prompts, load_tokenizer,
-                      tokenizer_path)
+                      names_local_path, tokenizer_path)
 
 __all__ = ["PAPER_SYSTEM_PROMPT", "DataConfig", "PromptSet", "load_prompts", "load_tokenizer",
-           "tokenizer_path"]
+           "names_local_path", "tokenizer_path"]

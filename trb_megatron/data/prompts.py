@@ -45,31 +45,46 @@ class DataConfig:
     limit: int = 0
     """Read only the first `limit` rows of the split (before dropping); 0 = all."""
 
-    def validate(self) -> "DataConfig":
-        """Raise ValueError naming every bad field and the rule; returns self."""
+    def validate(self, key: str = "data") -> "DataConfig":
+        """Raise ValueError naming every bad field (under the config section `key`, e.g.
+        "eval.data") and the rule; returns self."""
         checks = [
-            ("data.path_or_name", isinstance(self.path_or_name, str) and self.path_or_name != "",
+            (f"{key}.path_or_name",
+             isinstance(self.path_or_name, str) and self.path_or_name != "",
              "a non-empty string (a .jsonl/.json/.parquet file or a dataset name)"),
-            ("data.split", isinstance(self.split, str) and self.split != "", "a non-empty string"),
-            ("data.prompt_field", isinstance(self.prompt_field, str) and self.prompt_field != "",
+            (f"{key}.split", isinstance(self.split, str) and self.split != "",
+             "a non-empty string"),
+            (f"{key}.prompt_field",
+             isinstance(self.prompt_field, str) and self.prompt_field != "",
              "a non-empty column name"),
-            ("data.answer_field", isinstance(self.answer_field, str),
+            (f"{key}.answer_field", isinstance(self.answer_field, str),
              "a column name, or \"\" for none"),
-            ("data.chat_template", isinstance(self.chat_template, bool), "true or false"),
-            ("data.system_prompt", isinstance(self.system_prompt, str), "a string (\"\" = none)"),
-            ("data.max_prompt_tokens", _is_int(self.max_prompt_tokens)
+            (f"{key}.chat_template", isinstance(self.chat_template, bool), "true or false"),
+            (f"{key}.system_prompt", isinstance(self.system_prompt, str),
+             "a string (\"\" = none)"),
+            (f"{key}.max_prompt_tokens", _is_int(self.max_prompt_tokens)
              and self.max_prompt_tokens >= 1, "an int >= 1"),
-            ("data.limit", _is_int(self.limit) and self.limit >= 0, "an int >= 0 (0 = all rows)"),
+            (f"{key}.limit", _is_int(self.limit) and self.limit >= 0,
+             "an int >= 0 (0 = all rows)"),
         ]
-        bad = [f"{name} must be {rule}, got {getattr(self, name[5:])!r}"
+        bad = [f"{name} must be {rule}, got {getattr(self, name.rpartition('.')[2])!r}"
                for name, ok, rule in checks if not ok]
         if bad:
-            raise ValueError("invalid data config: " + "; ".join(bad))
+            raise ValueError(f"invalid {key} config: " + "; ".join(bad))
         return self
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def names_local_path(path_or_name: str) -> bool:
+    """Whether `path_or_name` can only mean a local file or directory (so its absence is an
+    error, not a dataset to look up): a data-file suffix, an absolute path, or one that starts
+    with . or ~ (not expanded), none of which a dataset name has."""
+    path = Path(path_or_name)
+    return (path.suffix.lower() in LOCAL_FORMATS or path.is_absolute()
+            or path_or_name.startswith((".", "~")))
 
 
 @dataclasses.dataclass
@@ -114,24 +129,25 @@ def load_tokenizer(model_dir):
             from None
 
 
-def load_prompts(cfg: DataConfig, tokenizer_dir) -> PromptSet:
+def load_prompts(cfg: DataConfig, tokenizer_dir, *, key: str = "data") -> PromptSet:
     """Read cfg's split, render and tokenize every prompt, drop those longer than
     cfg.max_prompt_tokens. tokenizer_dir: a Hugging Face dir or a Megatron checkpoint (its hf/).
-    ValueError names a missing file, split or field and lists what exists."""
-    cfg.validate()
+    ValueError names a missing file, split or field (as `key`.field, e.g. eval.data.split) and
+    lists what exists."""
+    cfg.validate(key)
     tokenizer = load_tokenizer(tokenizer_dir)
     if cfg.chat_template and not tokenizer.chat_template:
-        raise ValueError(f"data.chat_template is true but the tokenizer in "
+        raise ValueError(f"{key}.chat_template is true but the tokenizer in "
                          f"{tokenizer_path(tokenizer_dir)} has no chat template; set "
-                         "data.chat_template=false to tokenize the raw prompt text (a base "
+                         f"{key}.chat_template=false to tokenize the raw prompt text (a base "
                          "model), or use a tokenizer that ships one")
-    table = _read_split(cfg)
+    table = _read_split(cfg, key)
     if cfg.limit:
         table = table.select(range(min(cfg.limit, len(table))))
     fields = [cfg.prompt_field] + ([cfg.answer_field] if cfg.answer_field else [])
-    for key, field in zip(("prompt_field", "answer_field"), fields):
+    for name, field in zip(("prompt_field", "answer_field"), fields):
         if field not in table.column_names:
-            raise ValueError(f"data.{key}={field!r} is not a column of {cfg.path_or_name} "
+            raise ValueError(f"{key}.{name}={field!r} is not a column of {cfg.path_or_name} "
                              f"(split {cfg.split!r}); its columns: "
                              f"{', '.join(table.column_names)}")
     prompts = table[cfg.prompt_field]
@@ -146,7 +162,7 @@ def load_prompts(cfg: DataConfig, tokenizer_dir) -> PromptSet:
         missing = [row for row, a in enumerate(answers) if a is None]
         if missing:
             raise ValueError(f"row {missing[0]} of {cfg.path_or_name} has no answer in "
-                             f"data.answer_field={cfg.answer_field!r} ({len(missing)} rows); "
+                             f"{key}.answer_field={cfg.answer_field!r} ({len(missing)} rows); "
                              "clean the data or set answer_field=\"\"")
         answers = [str(a) for a in answers]
     texts, token_ids = _render(cfg, tokenizer, prompts)
@@ -172,18 +188,18 @@ def _render(cfg: DataConfig, tokenizer, prompts: list[str]):
     return list(texts), [list(ids) for ids in encoded["input_ids"]]
 
 
-def _read_split(cfg: DataConfig):
+def _read_split(cfg: DataConfig, key: str):
     """The datasets.Dataset of cfg.split; ValueError naming a missing file or split."""
     import datasets
 
     path = Path(cfg.path_or_name)
     if path.suffix.lower() in LOCAL_FORMATS or path.is_file():
         if not path.is_file():
-            raise ValueError(f"data.path_or_name: file {path} does not exist; "
+            raise ValueError(f"{key}.path_or_name: file {path} does not exist; "
                              f"{_data_files_near(path)}")
         builder = LOCAL_FORMATS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"data.path_or_name: {path} is not a supported file; use "
+            raise ValueError(f"{key}.path_or_name: {path} is not a supported file; use "
                              f"{', '.join(LOCAL_FORMATS)} (or a dataset directory or name)")
         splits = datasets.load_dataset(builder, data_files=str(path))
     elif path.is_dir():
@@ -193,16 +209,16 @@ def _read_split(cfg: DataConfig):
             return datasets.load_dataset(cfg.path_or_name, split=cfg.split)
         except ValueError as err:
             if "split" in str(err).lower():
-                raise ValueError(f"data.split={cfg.split!r} is not a split of "
+                raise ValueError(f"{key}.split={cfg.split!r} is not a split of "
                                  f"{cfg.path_or_name}: {err}") from None
             raise
         except OSError as err:  # not found, or no network (datasets' errors derive from it)
-            raise ValueError(f"data.path_or_name={cfg.path_or_name!r} is neither a local file "
+            raise ValueError(f"{key}.path_or_name={cfg.path_or_name!r} is neither a local file "
                              f"or directory nor a dataset that could be loaded ({err}); pass a "
                              ".jsonl/.json/.parquet file or a cached/reachable dataset name") \
                 from None
     if cfg.split not in splits:
-        raise ValueError(f"data.split={cfg.split!r} is not a split of {cfg.path_or_name}; its "
+        raise ValueError(f"{key}.split={cfg.split!r} is not a split of {cfg.path_or_name}; its "
                          f"splits: {', '.join(splits)} (a single local file is split 'train')")
     return splits[cfg.split]
 

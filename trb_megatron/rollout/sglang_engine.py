@@ -35,6 +35,7 @@ student samples, teacher compute wasted) until relaunched.
 """
 
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,8 @@ from trb_megatron.sglang_plugin.eps import EPS_KEY
 from trb_megatron.sglang_plugin.version import require_sglang
 
 GROUP_NAME = "trb_weight_update"
+PLUGIN = "trb_megatron"
+"""Name of this package's `sglang.srt.plugins` entry point (setup.py)."""
 PROBE_EPS = 1e9
 """The probe request's budget: every teacher is feasible (beta = 1 exactly)."""
 MEMORY_TAGS = ["kv_cache", "cuda_graph"]
@@ -118,6 +121,30 @@ def checked(call: str, result) -> str:
     return message
 
 
+def check_plugin() -> None:
+    """Load the TRB plugin the way every SGLang process will (its entry point), raising what
+    SGLang would only log: not installed, excluded by SGLANG_PLUGINS, or failing to import."""
+    from importlib.metadata import entry_points
+
+    from sglang.srt.environ import envs
+
+    found = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == PLUGIN]
+    if not found:
+        raise RuntimeError(f"the SGLang plugin entry point {PLUGIN!r} (group sglang.srt.plugins) "
+                           "is not installed: install this package (pip install -e .) in the "
+                           "environment that runs SGLang")
+    allowed = envs.SGLANG_PLUGINS.get()
+    if allowed and PLUGIN not in {name.strip() for name in allowed.split(",")}:
+        raise RuntimeError(f"SGLANG_PLUGINS={allowed!r} leaves out the TRB plugin {PLUGIN!r}: "
+                           f"add it to the list or unset the variable")
+    try:
+        found[0].load()
+    except Exception as err:
+        raise RuntimeError(f"the TRB plugin {found[0].value} fails to import "
+                           f"({type(err).__name__}: {err}); SGLang would only log this and "
+                           "serve without the TRB model") from err
+
+
 def verify_trb_model(outputs, *, teacher: bool) -> None:
     """Check a probe request's output (one prompt, one token, eps = PROBE_EPS): the composite
     model reports its per-token statistics, beta = 1 with the teacher and 0 without.
@@ -177,6 +204,7 @@ class SGLangRolloutEngine:
         self.driver = groups.tp.rank() == 0
         self.engine = None
         self.memory_saver = False
+        self.engine_starts = 0
         self.engine_tp = settings.tp_size or groups.tp.size()
         self.teacher_loaded = True
         self.update_group = None
@@ -196,6 +224,8 @@ class SGLangRolloutEngine:
                                teacher_dir=self.teacher_dir if self.teacher_loaded else None,
                                vocab=self.vocab, tp_size=self.engine_tp, seed=self.seed)
         self.memory_saver = kwargs["enable_memory_saver"]
+        check_plugin()
+        start = time.perf_counter()
         self.engine = self.sglang.Engine(**kwargs)
         try:
             verify_trb_model(self._engine_generate([[0]], [self._probe_params()]),
@@ -204,6 +234,10 @@ class SGLangRolloutEngine:
             self.shutdown()
             raise
         self._memory("release_memory_occupation")
+        self.engine_starts += 1
+        print(f"[sglang] engine {self.engine_starts} of replica {self.groups.dp.rank()} started "
+              f"({'student + teacher' if self.teacher_loaded else 'student only'}, "
+              f"TP={self.engine_tp}) in {time.perf_counter() - start:.0f} s", flush=True)
 
     def _memory(self, call: str) -> None:
         """Release or resume the KV cache and CUDA graphs (GPU memory saver only). sglang

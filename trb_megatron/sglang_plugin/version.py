@@ -28,7 +28,8 @@ def check_version(found: str) -> None:
 
 def require_sglang():
     """Import sglang and check its version; SGLangUnavailable with the fix otherwise. On a
-    machine without CUDA the CPU adaptations that must precede the import are made first."""
+    machine without CUDA the CPU adaptations are made in this process, before the import and
+    after it (SGLang's own processes get them from the plugin's register)."""
     from trb_megatron.sglang_plugin import cpu_backend
 
     cpu_backend.prepare_environment()
@@ -39,4 +40,5 @@ def require_sglang():
                                 f"here ({err}); {INSTALL_HINT}, or use "
                                 "rollout.backend=megatron") from None
     check_version(getattr(sglang, "__version__", "unknown"))
+    cpu_backend.install()
     return sglang

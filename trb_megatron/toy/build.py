@@ -8,9 +8,18 @@
 
 The build is written to OUT.partial and renamed into place at the end, so an interrupted build
 leaves no half cache. A second call with the same arguments reuses OUT; other arguments
-rebuild it; a directory that is not a toy build is refused unless `force`. Builds are
-deterministic for a seed and a torch thread count (recorded in the manifest): reduction order
-depends on the thread count, so 1 and 2 threads give slightly different weights.
+rebuild it; a directory that is not a toy build is refused unless `force`.
+
+Reproducibility: a build is a function of its spec (seed, sizes, and the torch thread count:
+reduction order depends on it), of the vector instruction set torch's kernels and MKL run
+(`cpu_capability` in the manifest) and of nothing else measured: torch 2.13.0+cpu and
+2.14.1+cu130, transformers 5.19.0 and 5.24.0 gave bitwise identical builds. The instruction
+set matters: on the same machine, AVX-512 kernels snapshot the student at step 380 (held-out
+greedy 21.3%, sampled 3.7%), AVX2 kernels at step 400 (10.9%, 1.8%) — tiny float differences
+grow over ~900 training steps. x86-64 machines of one kind can differ in it, so `build_pinned`
+(what the job and tools/make_toy_models.py call) builds in a child process with the
+instruction set pinned to AVX2 (PINNED_ISA, read when torch loads): the same build on every
+x86-64 machine with AVX2.
 
 The teacher trains until the validation split is solved (greedy >= 99% and temperature-1
 sampled >= `teacher_stop_sampled`) or `teacher_steps`. The student is snapshotted at the first
@@ -19,9 +28,14 @@ validation accuracy reaches `student_target`: it knows the format but is weak, s
 has room to improve it. Selection uses the validation split, never the held-out test split.
 """
 
+import contextlib
 import json
+import multiprocessing
+import os
+import platform
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +47,14 @@ from trb_megatron.toy.train import (PROMPT_TOKENS, RESPONSE_TOKENS, STUDENT_SIZE
                                     ModelSize, TrainSettings, encode, evaluate, make_model,
                                     size_dict, train_sft)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+              "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+"""Environment of the x86-64 build process: torch's kernels, MKL (with its conditional
+numerical reproducibility mode) and oneDNN all at AVX2."""
+OUTPUTS = ("student", "teacher", "data/train.jsonl", "data/test.jsonl", "data/val.jsonl")
+"""What a build creates in OUT, which configs name before the first build has run."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +76,11 @@ class ToyBuildSpec:
     student_eval_every: int = 20
     student_target: float = 0.10
     sampled_temperature: float = 1.0
+    threads: int = 2
 
-    def key(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+    def key(self, cpu_capability: str) -> dict:
+        return {"format_version": FORMAT_VERSION, **asdict(self),
+                "cpu_capability": cpu_capability}
 
 
 def _check_spec(spec: ToyBuildSpec) -> None:
@@ -70,7 +92,8 @@ def _check_spec(spec: ToyBuildSpec) -> None:
         if size.hidden != size.num_heads * size.head_dim:
             raise ValueError(f"hidden must equal num_heads * head_dim, got {size}")
     if min(spec.n_train, spec.n_test, spec.n_val, spec.batch_size, spec.teacher_steps,
-           spec.student_max_steps, spec.teacher_eval_every, spec.student_eval_every) < 1:
+           spec.student_max_steps, spec.teacher_eval_every, spec.student_eval_every,
+           spec.threads) < 1:
         raise ValueError(f"sizes and steps must be >= 1, got {spec}")
 
 
@@ -137,7 +160,7 @@ def _train_student(spec, tokenizer, train_ids, val, log):
     return model, {**result, "target_reached": bool(reached)}
 
 
-def _cached(out: Path, spec: ToyBuildSpec, log) -> dict | None:
+def _cached(out: Path, spec: ToyBuildSpec, cpu_capability: str, log) -> dict | None:
     """The manifest of a complete build of `spec` in `out`, or None (absent, empty, another
     spec's build, incomplete: all rebuilt). ValueError when `out` holds something that is not
     a toy build, which is never replaced without force."""
@@ -148,7 +171,7 @@ def _cached(out: Path, spec: ToyBuildSpec, log) -> dict | None:
         raise ValueError(f"{out} exists and holds no toy build ({MANIFEST} missing); pass "
                          "--force (force=True) to replace it, or choose another --out-dir")
     manifest = json.loads(path.read_text())
-    key = json.loads(json.dumps(spec.key()))
+    key = json.loads(json.dumps(spec.key(cpu_capability)))
     old = manifest.get("build", {})
     if old != key:
         differ = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
@@ -173,11 +196,79 @@ def build_toy_models(out_dir, spec: ToyBuildSpec = ToyBuildSpec(), *, force: boo
     `manifest["reused"]` tells whether the cache was used (it is not stored in the file)."""
     _check_spec(spec)
     out = Path(out_dir).resolve()
+    capability = torch.backends.cpu.get_cpu_capability()
     if not force:
-        manifest = _cached(out, spec, log)
+        manifest = _reuse(out, spec, capability, log)
         if manifest is not None:
-            log(f"reusing cached toy models in {out} (seed {spec.seed}; --force rebuilds)")
-            return {**manifest, "reused": True}
+            return manifest
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        return _build(out, spec, capability, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reuse(out: Path, spec: ToyBuildSpec, capability: str, log) -> dict | None:
+    manifest = _cached(out, spec, capability, log)
+    if manifest is not None:
+        log(f"reusing cached toy models in {out} (seed {spec.seed}; --force rebuilds)")
+        return {**manifest, "reused": True}
+    return None
+
+
+def _pinned_capability() -> tuple[dict, str]:
+    """(environment, cpu_capability) of a pinned build process on this machine."""
+    host = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or host not in ("AVX2", "AVX512"):
+        return {}, host
+    return PINNED_ISA, "AVX2"
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _child_build(out: Path, spec: ToyBuildSpec) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Writing model shards" bars drown the log
+    return build_toy_models(out, spec, force=True, log=_print)
+
+
+def build_pinned(out_dir, spec: ToyBuildSpec = ToyBuildSpec(), *, force: bool = False,
+                 log=_print) -> dict:
+    """`build_toy_models` in a child process whose vector instruction set is pinned
+    (PINNED_ISA on x86-64 with AVX2; see the module docstring), so the same spec gives the same
+    build on every machine. A cached build is reused without starting the child, which logs
+    with print. ValueError as build_toy_models."""
+    _check_spec(spec)
+    out = Path(out_dir).resolve()
+    environment, capability = _pinned_capability()
+    if not force:
+        manifest = _reuse(out, spec, capability, log)
+        if manifest is not None:
+            return manifest
+    context = multiprocessing.get_context("spawn")
+    with _environment(environment), ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_child_build, out, spec).result()
+
+
+def _build(out: Path, spec: ToyBuildSpec, capability: str, log) -> dict:
     start = time.perf_counter()
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
@@ -214,7 +305,7 @@ def build_toy_models(out_dir, spec: ToyBuildSpec = ToyBuildSpec(), *, force: boo
                 "history": result["history"], **metrics}
 
     manifest = {
-        "build": spec.key(),
+        "build": spec.key(capability),
         "task": {"name": "4-digit addition with a carry scratchpad (character level)",
                  "example": task.make_problem(3472, 2859),
                  "prompt_tokens": PROMPT_TOKENS, "response_tokens": RESPONSE_TOKENS,
@@ -230,7 +321,6 @@ def build_toy_models(out_dir, spec: ToyBuildSpec = ToyBuildSpec(), *, force: boo
         "evaluation": {"decoding": "own KV-cache loop; greedy and exact temperature sampling "
                                    "(no top-k/top-p); a response counts only if it ends in EOS",
                        "sampled_temperature": spec.sampled_temperature},
-        "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
         "build_seconds": round(time.perf_counter() - start, 1),

@@ -33,9 +33,9 @@ from trb_megatron.trb import EpsSchedule
 
 
 def check_layout(config: Config, world_size: int, arch_fallback_dir=None, *,
-                 check_models=True) -> int:
+                 models=("student", "teacher")) -> int:
     """Reject a parallel layout before any model is built, with the numbers; returns DP.
-    check_models=False skips the checks that need the models' configs."""
+    models: the roles whose model configs are checked (one not built yet is left out)."""
     tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by TP={tp} x PP={pp}")
@@ -45,7 +45,7 @@ def check_layout(config: Config, world_size: int, arch_fallback_dir=None, *,
                          f"divisible by the data-parallel size {dp} (= world {world_size} / "
                          f"(TP {tp} x PP {pp}))")
     fp8 = config.fp8
-    for role in ("student", "teacher") if check_models else ():
+    for role in models:
         path = Path(getattr(config.model, role))
         try:
             arch = ModelArch.of_model_dir(path, arch_fallback_dir)

@@ -2,7 +2,9 @@
 # pins them) plus pinned megatron-core, Transformer Engine, Apex and this package.
 #
 #   docker build -t trb-megatron:0.1.0 .
-#   docker build -t trb-megatron:0.1.0 --build-arg MCORE_VERSION=0.16.1 --build-arg MAX_JOBS=16 .
+#   docker build -t trb-megatron:0.1.0 --build-arg MAX_JOBS=16 .
+#   docker build -t trb-megatron:0.1.0 --build-arg BASE_IMAGE=... --build-arg MCORE_VERSION=0.16.1 \
+#       --build-arg TE_VERSION=2.9.0 .      (a base image with Python 3.11)
 #   docker run --gpus all --ipc=host -v /shared:/shared trb-megatron:0.1.0 \
 #       bash examples/run_trb_distill.sh model.student=/shared/... (docs/cluster.md)
 #   enroot import dockerd://trb-megatron:0.1.0   (a .sqsh for pyxis: examples/slurm/)
@@ -24,10 +26,12 @@ ARG BASE_IMAGE=lmsysorg/sglang:v0.5.23-cu130
 FROM ${BASE_IMAGE}
 
 ARG SGLANG_VERSION=0.5.23
-# setup.py: megatron-core>=0.16.1,<0.17 (the version the code is tested against).
-ARG MCORE_VERSION=0.16.1
-# setup.py's `te` extra: transformer-engine[pytorch]>=2.4,<2.10; core library for CUDA 13.
-ARG TE_VERSION=2.9.0
+# setup.py: megatron-core>=0.16.1,<0.20; CI tests both ends (0.16.1 on Python 3.11, 0.19.2 on
+# 3.12). 0.17 and later need Python >= 3.12 (checked below): 0.16.1 for a Python 3.11 base.
+ARG MCORE_VERSION=0.19.2
+# setup.py's `te` extra: transformer-engine[pytorch]>=2.4,<2.15. 2.14 is the newest release whose
+# features megatron-core 0.19.2 checks for; 0.16.1 asks for <2.12 (2.9.0). Core library for CUDA 13.
+ARG TE_VERSION=2.14.1
 ARG TE_CORE_EXTRA=core_cu13
 # NVIDIA/apex is not on PyPI: a pinned commit, built with its C++/CUDA extensions.
 ARG APEX_COMMIT=10417aceddd7d5d05d7cbf7b0fc2daad1105f8b4
@@ -70,6 +74,10 @@ RUN if [ "${CPU_STACK}" = 1 ]; then \
 # nothing here can replace them.
 RUN python3 -c "from importlib.metadata import version; v = version('sglang'); \
 assert v == '${SGLANG_VERSION}', f'base image has sglang {v}, want ${SGLANG_VERSION}'" \
+    && python3 -c "import sys; m = tuple(map(int, '${MCORE_VERSION}'.split('.')[:2])); \
+assert m < (0, 17) or sys.version_info >= (3, 12), \
+f'megatron-core ${MCORE_VERSION} needs Python >= 3.12, the base has {sys.version.split()[0]}: \
+build with MCORE_VERSION=0.16.1 TE_VERSION=2.9.0'" \
     && python3 -m pip list --format=freeze > /opt/base-constraints.txt
 
 RUN python3 -m pip install -c /opt/base-constraints.txt "megatron-core==${MCORE_VERSION}" \

@@ -31,6 +31,8 @@ else
   export CONFIG="${CONFIG:-$root/examples/configs/toy_cpu.yaml}"
   export NPROC_PER_NODE="${NPROC_PER_NODE:-2}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  # one vector instruction set for every CPU machine: the same results everywhere (cpu_isa.py)
+  eval "$(cd "$root" && "$py" -m trb_megatron.parallel.cpu_isa)"
 fi
 export NNODES="${NNODES:-1}" NODE_RANK="${NODE_RANK:-0}"
 cd "$root"

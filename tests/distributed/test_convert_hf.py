@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -17,6 +18,8 @@ from tests.hf_models import make_hf_model
 from trb_megatron.checkpoint.convert import (META, hf_to_megatron, load_megatron, megatron_to_hf,
                                              parallel_layout)
 from trb_megatron.checkpoint.verify import max_logit_difference
+
+pytestmark = pytest.mark.megatron
 
 MODELS = (("qwen3", False), ("qwen3", True), ("llama", False), ("qwen2", True))
 LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))

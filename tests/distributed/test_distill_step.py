@@ -4,6 +4,7 @@ for each loss estimator. Weights are compared after resharding every result to T
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -15,6 +16,8 @@ from trb_megatron.config import OptimConfig
 from trb_megatron.training.distill_step import DistillStep
 from trb_megatron.training.optim import wrap_and_optimize
 from trb_megatron.trb import VocabLayout
+
+pytestmark = pytest.mark.megatron
 
 LAYOUTS = {"one-rank": (1, 1), "tp2-pp2": (2, 2), "tp2-dp2": (2, 1), "pp2-dp2": (1, 2),
            "dp4": (1, 1)}

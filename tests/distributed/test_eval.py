@@ -33,6 +33,8 @@ from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
 from trb_megatron.rollout.request import step_seed
 from trb_megatron.trb import VocabLayout, sample_tokens
 
+pytestmark = pytest.mark.megatron
+
 PAD, EOS = 0, 1  # tests/hf_models tokenizer: <pad>, <eos>
 LAYOUT = VocabLayout(size=VOCAB, stop_ids=(EOS,))
 PROMPTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9", "w10 w11", "w12 w13 w14"]

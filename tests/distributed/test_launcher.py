@@ -46,6 +46,9 @@ def test_bash_form(mini_config):
     assert "summary:" in done.stdout
 
 
+# The bash form runs the launcher with .venv's python whatever the caller's is: only the
+# torchrun form (sys.executable) belongs to the megatron tier (scripts/test.sh).
+@pytest.mark.megatron
 def test_torchrun_form(mini_config):
     root, config = mini_config
     run_dir = root / "torchrun-run"

@@ -8,6 +8,7 @@ at TP=1 in the same processes, where the model does no communication, i.e. a sin
 
 import re
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -15,6 +16,8 @@ from tests.distributed.launcher import run_distributed
 from tests.tiny_gpt import tiny_batch, tiny_gpt, tiny_loss
 from trb_megatron.parallel import detect_profile, initialize_parallel, install_cpu_backend
 from trb_megatron.parallel.cpu_backend import CpuDeviceMode
+
+pytestmark = pytest.mark.megatron
 
 SEED = 1234
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)

@@ -15,7 +15,11 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.distributed.launcher import free_port
+
+pytestmark = pytest.mark.megatron
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "examples" / "run_trb_distill.sh"

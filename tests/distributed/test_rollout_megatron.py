@@ -10,7 +10,11 @@ drawn token, its log mu, beta and KLs equal a teacher-forced, unsharded referenc
 (student only; the teacher never runs), a huge eps (teacher only, beta = 1) and an active
 budget (KL(mu || pi_S) <= eps); all layouts give identical tokens; prompts of unequal length,
 decoded together, alone or in small decode batches, give the same rows; EOS stops rows, which
-are then padded; bad input raises ValueError; the TP logits gather of GPTModel is pinned.
+are then padded; bad input raises ValueError.
+
+A second launch pins GPTModel's inference path that CachedStage relies on, on a tiny model at
+TP=2: a prefill returns only the last token's logits, [B, 1, V_full] (megatron-core >= 0.18 takes
+that path only inside InferenceMode, which CachedStage enters), gathered over TP.
 """
 
 import contextlib
@@ -20,13 +24,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests import tiny_gpt
 from tests.distributed.launcher import run_distributed
 from tests.hf_models import VOCAB, make_hf_model
 from trb_megatron.checkpoint.convert import hf_to_megatron, load_megatron, parallel_layout
 from trb_megatron.models.forward import full_logits
+from trb_megatron.parallel import detect_profile, initialize_parallel
+from trb_megatron.rollout.cached_stage import CachedStage, inference_mode
 from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
 from trb_megatron.rollout.request import step_seed
 from trb_megatron.trb import VocabLayout, sample_tokens, solve_beta
+
+pytestmark = pytest.mark.megatron
 
 PAD, EOS = 0, 1  # tests/hf_models tokenizer: <pad>, <eos>
 LAYOUT = VocabLayout(size=VOCAB, stop_ids=(EOS,))
@@ -211,25 +220,8 @@ def _checks_at_layout(root, groups):
     _check_against_reference(ended, _reference(ended, full_s, full_t, vocab=stops))
 
     if groups.tp.size() == 2:
-        _check_gather_is_pinned(student)
         _check_bad_input(engine, student, teacher, groups)
     return {"opd": opd, "teacher": taught, "blend": blend, "eos": ended}
-
-
-def _check_gather_is_pinned(student):
-    """megatron-core 0.16.1: GPTModel in eval mode with an inference context refuses to return
-    TP shards (and _check_kv_cache sees the gathered width). If this changes, CachedStage could
-    skip the all-gather (see cached_stage.py)."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    student.eval()
-    try:
-        tokens = torch.tensor([[2, 5]])
-        with torch.no_grad(), pytest.raises(AssertionError, match="must always gather TP"):
-            student(tokens, torch.arange(2)[None], None,
-                    inference_context=StaticInferenceContext(1, 4), runtime_gather_output=False)
-    finally:
-        student.train()
 
 
 def _check_bad_input(engine, student, teacher, groups):
@@ -284,6 +276,40 @@ def _body(rank, world, root):
             torch.testing.assert_close(batch.behaviour_logprobs,
                                        reference[name].behaviour_logprobs, **CLOSE)
             torch.testing.assert_close(batch.beta, reference[name].beta, **CLOSE)
+
+
+def _inference_path_body(rank, world):
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    profile = detect_profile()
+    groups = initialize_parallel(profile, tensor_parallel_size=2, pipeline_parallel_size=1,
+                                 seed=SEED)
+    model = tiny_gpt.tiny_gpt(profile, groups).eval()
+    prompts, positions = torch.tensor([[2, 5, 7], [3, 4, 6]]), torch.arange(3).expand(2, 3)
+    stage = CachedStage(model, groups, batch_size=2, max_length=8)
+    with torch.no_grad(), _recorded(model) as calls:
+        prefill = stage.step(prompts)
+        stage.step(torch.tensor([[8], [9]]))
+    # Only the last token's logits, gathered over TP; outside InferenceMode, 0.18+ returns
+    # [2, 3, 64] for the prefill. CachedStage hands out this rank's shard of them.
+    vocab = tiny_gpt.VOCAB
+    shapes = [tuple(out.shape) for out in calls]
+    assert shapes == [(2, 1, vocab)] * 2, shapes
+    with torch.no_grad():
+        recomputed = model(prompts, positions, None, runtime_gather_output=True)[:, -1]
+    torch.testing.assert_close(calls[0][:, 0], recomputed, atol=1e-5, rtol=1e-5)
+    shard = recomputed[:, rank * vocab // 2:(rank + 1) * vocab // 2]
+    torch.testing.assert_close(prefill, shard, atol=1e-5, rtol=1e-5)
+    # On that path GPTModel refuses to return TP shards. If this changes, CachedStage could skip
+    # the all-gather (see cached_stage.py).
+    with (torch.no_grad(), inference_mode(),
+          pytest.raises(AssertionError, match="must always gather TP")):
+        model(prompts, positions, None, inference_context=StaticInferenceContext(2, 4),
+              runtime_gather_output=False)
+
+
+def test_prefill_returns_last_token_logits_gathered_over_tp():
+    run_distributed(_inference_path_body, 2)
 
 
 def test_megatron_rollout_engine(tmp_path):

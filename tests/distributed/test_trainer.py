@@ -19,6 +19,8 @@ from trb_megatron.config import (Config, LossConfig, ModelConfig, OptimConfig, P
                                  RolloutConfig, TRBConfig, TrainConfig)
 from trb_megatron.training.trainer import Trainer, check_layout
 
+pytestmark = pytest.mark.megatron
+
 KEYS = {"step", "eps", "loss", "reverse_kl", "beta_mean", "beta_p50", "beta_p90",
         "teacher_feasible_frac", "kl_to_student_max", "response_len_mean",
         "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout_s", "time_teacher_s",

@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytestmark = pytest.mark.megatron  # megatron-core's writer internals differ between releases
+
 ROOT = Path(__file__).resolve().parents[2]
 # In a fresh process (the writer's queue is process-wide): start the queue a save would use, the
 # product's way or upstream's, SIGTERM its server as Slurm does, then use the queue as a save does.
@@ -26,7 +28,10 @@ if sys.argv[1] == "product":
     from trb_megatron.training.checkpointing import start_checkpoint_writer
     start_checkpoint_writer()
     start_checkpoint_writer()  # idempotent: the same server
-queue = filesystem_async._get_write_results_queue()
+# the queue a save asks for (renamed get_write_results_queue in megatron-core 0.19)
+get_queue = getattr(filesystem_async, "get_write_results_queue", None) or \
+    filesystem_async._get_write_results_queue
+queue = get_queue()
 server = queue._manager._process.pid
 print(server, flush=True)
 os.kill(server, signal.SIGTERM)

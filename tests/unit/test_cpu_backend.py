@@ -13,14 +13,17 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from packaging.version import Version
 
 from tests.tiny_gpt import tiny_batch, tiny_gpt, tiny_loss
 from trb_megatron.parallel import cpu_backend
 from trb_megatron.parallel.profile import BackendProfile
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="pins CPU-only upstream failures; the backend is off on GPUs"
-)
+pytestmark = [
+    pytest.mark.megatron,
+    pytest.mark.skipif(torch.cuda.is_available(),
+                       reason="pins CPU-only upstream failures; the backend is off on GPUs"),
+]
 
 
 # What torch raises where megatron asks for CUDA: the CPU build says it was not compiled with
@@ -51,13 +54,22 @@ def patched(monkeypatch):
         yield monkeypatch
 
 
+MEGATRON_CORE = importlib.metadata.version("megatron-core")
+
+
 def test_refuses_untested_megatron_core():
-    assert importlib.metadata.version("megatron-core") == cpu_backend.TESTED_MEGATRON_CORE_VERSION
-    cpu_backend.check_megatron_core_version(cpu_backend.TESTED_MEGATRON_CORE_VERSION)
-    with pytest.raises(RuntimeError) as error:
-        cpu_backend.check_megatron_core_version("0.17.0")
-    for needle in ("0.17.0", "0.16.1", "pip install megatron-core==0.16.1"):
-        assert needle in str(error.value)
+    assert MEGATRON_CORE in cpu_backend.TESTED_MEGATRON_CORE_VERSIONS
+    for tested in cpu_backend.TESTED_MEGATRON_CORE_VERSIONS:
+        cpu_backend.check_megatron_core_version(tested)
+    for untested in ("0.17.0", "0.16.0", "0.20.0"):
+        with pytest.raises(RuntimeError) as error:
+            cpu_backend.check_megatron_core_version(untested)
+        message = str(error.value)
+        for needle in (f"but megatron-core {untested} is installed",
+                       "0.16.1, 0.17.1, 0.18.2, 0.19.2",
+                       "pip install megatron-core==0.19.2` (Python >= 3.12)",
+                       "pip install megatron-core==0.16.1` (Python 3.11)"):
+            assert needle in message
 
 
 def test_environment_switch_turns_install_off(monkeypatch):
@@ -265,6 +277,22 @@ def test_load_state_dict_gives_each_param_its_own_step(patched, one_rank_groups)
         else:
             assert len({id(s) for s in steps}) == len(steps)
             assert {s.item() for s in steps} == {expected_step}
+
+
+def test_current_stream_stub(patched, one_rank_groups):
+    patch = _patch(torch.cuda, "current_stream")
+    ddp, optimizer = _distributed_optimizer(one_rank_groups)
+    _use(patched, patch, "original")
+    if Version(MEGATRON_CORE) < Version("0.19"):
+        _train_step(ddp, optimizer, seed=1)
+        pytest.skip(f"megatron-core {MEGATRON_CORE}: DDP's grad sync asks for the CUDA stream "
+                    f"at most with overlap_grad_reduce (0.19: on every step): nothing to patch")
+    # Every step: finish_grad_sync -> start_grad_sync -> torch.cuda.current_stream().
+    with pytest.raises(NO_CUDA, match=NO_CUDA_MESSAGE):
+        _train_step(ddp, optimizer, seed=1)
+    _use(patched, patch, "replacement")
+    assert isinstance(torch.cuda.current_stream(), torch.cpu.Stream)
+    _train_step(ddp, optimizer, seed=1)
 
 
 def test_set_main_param_and_optimizer_states(patched, one_rank_groups):

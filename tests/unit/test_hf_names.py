@@ -12,6 +12,8 @@ from trb_megatron.checkpoint.convert import hf_to_megatron, inspect_hf
 from trb_megatron.checkpoint.hf_names import param_specs
 from trb_megatron.models.arch import ModelArch
 
+pytestmark = pytest.mark.megatron
+
 
 def _spec(arch, suffix):
     return next(s for s in param_specs(arch) if s.megatron.endswith(suffix))

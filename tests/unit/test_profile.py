@@ -14,6 +14,8 @@ import torch
 from trb_megatron.parallel.profile import (BackendProfile, FP8Settings, detect_profile,
                                            initialize_parallel)
 
+pytestmark = pytest.mark.megatron
+
 
 def test_cpu_profile():
     profile = BackendProfile.for_hardware(cuda=False, transformer_engine=False)

@@ -209,13 +209,13 @@ def test_cli_builds_pin_the_instruction_set(builds):
     AVX2 on any x86-64 host that has it: what makes a build the same on every such machine."""
     import platform
 
-    from trb_megatron.toy.build import PINNED_ISA, _pinned_capability
+    from trb_megatron.parallel.cpu_isa import PINNED, pinned_environment
 
     root, manifest, _, _ = builds
-    environment, capability = _pinned_capability()
+    environment, capability = pinned_environment()
     assert manifest["build"]["cpu_capability"] == capability
     if platform.machine() == "x86_64" and capability == "AVX2":
-        assert environment == PINNED_ISA
+        assert environment == PINNED
     assert manifest["build"]["threads"] == 1  # TINY_ARGS' --threads, part of the build
 
 

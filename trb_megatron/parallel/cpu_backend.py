@@ -1,4 +1,8 @@
-"""Run Megatron-Core 0.16.1 on CPU with gloo: the only module of trb_megatron that patches upstream.
+"""Run Megatron-Core on CPU with gloo: the only module of trb_megatron that patches upstream.
+
+Tested releases: TESTED_MEGATRON_CORE_VERSIONS (0.16.1 on Python 3.11; 0.17.1, 0.18.2 and 0.19.2
+on Python 3.12, which they require). Every patch below is needed on each of them unless it says
+otherwise; without CUDA any other release is refused, since a patch may no longer fit it.
 
 Megatron-Core assumes CUDA on every path we use (GPTModel forward/backward under TP, the pipeline
 schedule, DDP, the optimizers, dist_checkpointing). Measured on a CPU-only torch, these are the
@@ -8,6 +12,8 @@ gaps and how each is closed (one test per patch in tests/unit/test_cpu_backend.p
   (an int), torch.device("cuda"), tensor.cuda(), tensor.to(<cuda>). `CpuDeviceMode`, a
   TorchFunctionMode pushed on the installing thread, maps them to CPU (~1 us per torch call).
   torch.cuda.current_device/synchronize are replaced by CPU stubs (megatron calls them directly).
+- Streams (megatron-core >= 0.19). DDP's start_grad_sync asks torch.cuda.current_stream() for the
+  stream to wait on CUDA-graph events; the stub returns the CPU's stream (there are no events).
 - Type strings. The optimizers and grad clipping classify parameters by comparing Tensor.type()
   with 'torch.cuda.FloatTensor' etc.; under the mode a CPU tensor reports its CUDA type name.
 - RNG. tensor_parallel.random's CudaRNGStatesTracker seeds and swaps CUDA generator states.
@@ -39,7 +45,9 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-TESTED_MEGATRON_CORE_VERSION = "0.16.1"
+# The releases the Megatron tests of this project passed on without CUDA (0.17+ need Python 3.12);
+# scripts/test.sh runs them on the two ends, 0.16.1 and 0.19.2.
+TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
 DISABLE_ENV_VAR = "TRB_MEGATRON_NO_CPU_BACKEND"
 
 _CPU = torch.device("cpu")
@@ -86,6 +94,11 @@ def _current_device() -> int:
 
 def _synchronize(device=None) -> None:
     """Stub for torch.cuda.synchronize: CPU ops are synchronous."""
+
+
+def _current_stream(device=None) -> torch.cpu.Stream:
+    """Stub for torch.cuda.current_stream: the CPU's stream (its waits are no-ops)."""
+    return torch.cpu.current_stream()
 
 
 class CpuRNGStatesTracker:
@@ -164,13 +177,15 @@ class Patch:
 
 
 def check_megatron_core_version(installed: str) -> None:
-    """Raise RuntimeError unless `installed` is the megatron-core version the patches target."""
-    if installed != TESTED_MEGATRON_CORE_VERSION:
+    """Raise RuntimeError unless `installed` is one of TESTED_MEGATRON_CORE_VERSIONS."""
+    if installed not in TESTED_MEGATRON_CORE_VERSIONS:
+        oldest, newest = TESTED_MEGATRON_CORE_VERSIONS[0], TESTED_MEGATRON_CORE_VERSIONS[-1]
         raise RuntimeError(
-            f"trb_megatron's CPU backend patches megatron-core {TESTED_MEGATRON_CORE_VERSION}, "
-            f"but megatron-core {installed} is installed. Install the tested version with "
-            f"`pip install megatron-core=={TESTED_MEGATRON_CORE_VERSION}`, or run on a machine "
-            f"with CUDA, where no patch is applied."
+            f"trb_megatron's CPU backend patches megatron-core "
+            f"{', '.join(TESTED_MEGATRON_CORE_VERSIONS)}, but megatron-core {installed} is "
+            f"installed. Install a tested version with `pip install megatron-core=={newest}` "
+            f"(Python >= 3.12) or `pip install megatron-core=={oldest}` (Python 3.11), or run "
+            f"on a machine with CUDA, where no patch is applied."
         )
 
 
@@ -238,6 +253,8 @@ def upstream_patches() -> tuple[Patch, ...]:
         patch(torch.cuda, "current_device", lambda _: _current_device),
         # The pipeline's p2p exchange synchronises after batch_isend_irecv.
         patch(torch.cuda, "synchronize", lambda _: _synchronize),
+        # megatron-core >= 0.19: DDP's start_grad_sync (param_and_grad_buffer.py) on every step.
+        patch(torch.cuda, "current_stream", lambda _: _current_stream),
         # initialize_rng_tracker instantiates whatever this module attribute names.
         patch(tp_random, "CudaRNGStatesTracker", lambda _: CpuRNGStatesTracker),
         patch(DistributedOptimizer, "state_dict", _state_dict_materialising_adam_state),
@@ -259,7 +276,7 @@ def install_cpu_backend() -> bool:
 
     Returns True when the backend is active, False when it is not needed (CUDA is available) or
     switched off with TRB_MEGATRON_NO_CPU_BACKEND=1. Idempotent. Raises RuntimeError when the
-    installed megatron-core is not the tested version.
+    installed megatron-core is not one of the tested versions.
     """
     global _installed
     if _installed:

@@ -8,18 +8,35 @@ sequence offset for the whole batch, so every row of a batch must be fed the sam
 the engine guarantees it by starting all rows at position 0 (no padding, see
 MegatronRolloutEngine). Rotary positions come from the cache offset, not from position_ids.
 
-Logits: in eval mode with an inference context, megatron-core 0.16.1's GPTModel asserts
-runtime_gather_output=True and all-gathers the vocabulary over TP (B x V_full values per step);
-`own_vocab_shard` slices this rank's contiguous shard back out, which is what the vocab-parallel
-`trb` functions take (tests/distributed/test_rollout_megatron.py pins the gather).
+Logits: GPTModel runs its inference path only when it knows it serves inference: before
+megatron-core 0.18 in eval mode with an inference context, from 0.18 on only inside megatron's
+process-wide InferenceMode, which `inference_mode()` enters (megatron's own engines do the same).
+Outside it a prefill returns the logits of EVERY fed token, [B, S, V_full] instead of [B, 1,
+V_full]: right values, but a B x S x V tensor per prefill on a GPU. On its inference path
+GPTModel asserts runtime_gather_output=True and all-gathers the vocabulary over TP (B x V_full
+values per step); `own_vocab_shard` slices this rank's contiguous shard back out, which is what
+the vocab-parallel `trb` functions take (tests/distributed/test_rollout_megatron.py pins both the
+[B, 1, V_full] prefill and the gather).
 
 Pipeline parallelism: megatron's inference p2p helpers assert CUDA tensors, so stages exchange
 the [S, B, H] hidden states with plain torch.distributed send/recv over the pipeline group
 (each TP rank talks to the same TP rank of the next stage); only the last stage has logits.
 """
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+
+
+def inference_mode():
+    """Context in which GPTModel takes its inference path for a forward with an inference context:
+    megatron's InferenceMode.active() (megatron-core >= 0.18); before 0.18 eval mode and the
+    context decide, so there is nothing to enter."""
+    from megatron.core.inference import utils
+
+    mode = getattr(utils, "InferenceMode", None)
+    return contextlib.nullcontext() if mode is None else mode.active()
 
 
 def own_vocab_shard(logits_BVfull: torch.Tensor, tp_group) -> torch.Tensor:
@@ -54,8 +71,9 @@ class CachedStage:
         positions_BS = torch.arange(start, start + width, device=self.device).expand(batch, width)
         if not self.first:
             self.model.set_input_tensor(self._receive(width, batch))
-        out = self.model(tokens_BS, positions_BS, None, inference_context=self.context,
-                         runtime_gather_output=True)
+        with inference_mode():
+            out = self.model(tokens_BS, positions_BS, None, inference_context=self.context,
+                             runtime_gather_output=True)
         self.context.increment_sequence_len_offset(width)
         self.context.enable_decode_mode()
         if not self.last:

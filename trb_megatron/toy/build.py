@@ -11,15 +11,10 @@ leaves no half cache. A second call with the same arguments reuses OUT; other ar
 rebuild it; a directory that is not a toy build is refused unless `force`.
 
 Reproducibility: a build is a function of its spec (seed, sizes, and the torch thread count:
-reduction order depends on it), of the vector instruction set torch's kernels and MKL run
-(`cpu_capability` in the manifest) and of nothing else measured: torch 2.13.0+cpu and
-2.14.1+cu130, transformers 5.19.0 and 5.24.0 gave bitwise identical builds. The instruction
-set matters: on the same machine, AVX-512 kernels snapshot the student at step 380 (held-out
-greedy 21.3%, sampled 3.7%), AVX2 kernels at step 400 (10.9%, 1.8%) — tiny float differences
-grow over ~900 training steps. x86-64 machines of one kind can differ in it, so `build_pinned`
-(what the job and tools/make_toy_models.py call) builds in a child process with the
-instruction set pinned to AVX2 (PINNED_ISA, read when torch loads): the same build on every
-x86-64 machine with AVX2.
+reduction order depends on it) and of the vector instruction set torch's kernels and MKL run
+(`cpu_capability` in the cache key; see trb_megatron/parallel/cpu_isa.py for what it changes).
+`build_pinned` (what the job and tools/make_toy_models.py call) builds in a child process with
+the instruction set pinned, so a spec gives the same build on every x86-64 machine with AVX2.
 
 The teacher trains until the validation split is solved (greedy >= 99% and temperature-1
 sampled >= `teacher_stop_sampled`) or `teacher_steps`. The student is snapshotted at the first
@@ -32,7 +27,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from trb_megatron.parallel.cpu_isa import pinned_environment
 from trb_megatron.toy import task
 from trb_megatron.toy.tokenizer import build_tokenizer, special_ids
 from trb_megatron.toy.train import (PROMPT_TOKENS, RESPONSE_TOKENS, STUDENT_SIZE, TEACHER_SIZE,
@@ -49,10 +44,6 @@ from trb_megatron.toy.train import (PROMPT_TOKENS, RESPONSE_TOKENS, STUDENT_SIZE
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-              "MKL_CBWR": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
-"""Environment of the x86-64 build process: torch's kernels, MKL (with its conditional
-numerical reproducibility mode) and oneDNN all at AVX2."""
 OUTPUTS = ("student", "teacher", "data/train.jsonl", "data/test.jsonl", "data/val.jsonl")
 """What a build creates in OUT, which configs name before the first build has run."""
 
@@ -217,14 +208,6 @@ def _reuse(out: Path, spec: ToyBuildSpec, capability: str, log) -> dict | None:
     return None
 
 
-def _pinned_capability() -> tuple[dict, str]:
-    """(environment, cpu_capability) of a pinned build process on this machine."""
-    host = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() not in ("x86_64", "amd64") or host not in ("AVX2", "AVX512"):
-        return {}, host
-    return PINNED_ISA, "AVX2"
-
-
 @contextlib.contextmanager
 def _environment(values: dict):
     saved = {k: os.environ.get(k) for k in values}
@@ -253,12 +236,12 @@ def _child_build(out: Path, spec: ToyBuildSpec) -> dict:
 def build_pinned(out_dir, spec: ToyBuildSpec = ToyBuildSpec(), *, force: bool = False,
                  log=_print) -> dict:
     """`build_toy_models` in a child process whose vector instruction set is pinned
-    (PINNED_ISA on x86-64 with AVX2; see the module docstring), so the same spec gives the same
-    build on every machine. A cached build is reused without starting the child, which logs
-    with print. ValueError as build_toy_models."""
+    (cpu_isa.pinned_environment), so the same spec gives the same build on every machine. A
+    cached build is reused without starting the child, which logs with print. ValueError as
+    build_toy_models."""
     _check_spec(spec)
     out = Path(out_dir).resolve()
-    environment, capability = _pinned_capability()
+    environment, capability = pinned_environment()
     if not force:
         manifest = _reuse(out, spec, capability, log)
         if manifest is not None:

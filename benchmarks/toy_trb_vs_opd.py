@@ -10,8 +10,8 @@ OUT/curves.png overlaying all runs. About 8 minutes per run on 2 cores; on 2 cor
 way through the 9 runs is `--jobs 2 --nproc 1 parallel.tensor_parallel=1` (results do not depend
 on the layout: rollouts and steps are layout-invariant, tested). Each run's output goes to
 OUT/<method>_s<seed>.log; a run whose summary.json says it finished is reused, so rerunning
-the same command after a failure only runs what is missing. Never part of the test suite; toy-calibration.md predicts TRB and OPD
-within noise of each other on this task.
+the same command after a failure only runs what is missing. Never part of the test suite. On
+this task TRB and OPD are expected within noise of each other (docs/toy.md).
 """
 
 import argparse

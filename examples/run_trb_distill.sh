@@ -4,7 +4,8 @@
 #
 #   bash examples/run_trb_distill.sh [section.key=value ...]
 #       starts torchrun itself; with no GPU and no CONFIG it runs the embedded toy default
-#       (examples/configs/toy_cpu.yaml: 2 gloo processes, TP=2, about 10 minutes on 2 cores).
+#       (examples/configs/toy_cpu.yaml: 2 gloo processes, TP=2, SGLang rollouts, about 12 minutes
+#       on 2 cores).
 #   torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
 #       examples/run_trb_distill.sh [overrides]       (torchrun runs this file with Python)
 #   srun ... torchrun ... examples/run_trb_distill.sh  (see examples/slurm/)

@@ -1,5 +1,5 @@
 """The main job end to end through both launcher forms exactly as users type them, on a
-miniature toy (conftest.py's mini_config: 2 gloo processes, TP=2, 2 steps), plus DRY_RUN for 4
+miniature toy (tests/conftest.py's mini_config: 2 gloo processes, TP=2, 2 steps), plus DRY_RUN for 4
 nodes x 8 GPUs, config errors from the command line, and a SIGKILLed job resumed."""
 
 import contextlib

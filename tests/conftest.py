@@ -1,17 +1,20 @@
-"""Fixtures shared by the end-to-end launcher tests (test_launcher.py, test_multinode.py)."""
+"""Fixtures shared by the end-to-end job tests (tests/distributed: test_launcher.py,
+test_multinode.py; tests/sglang/test_job.py)."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def mini_config(tmp_path_factory):
     """(root, config path): a miniature toy (built once per session, about a minute on 2 cores)
-    and the toy config pointed at it: TP=2, 2 steps of 4 prompts, evaluation on 4 problems."""
+    and the toy config pointed at it: TP=2, 2 steps of 4 prompts, evaluation on 4 problems, the
+    megatron rollout backend (these tests also run in the Python 3.12 environment, which has no
+    SGLang; tests/sglang/test_job.py runs the toy's own backend with an override)."""
     from trb_megatron.toy.build import ToyBuildSpec, build_toy_models
 
     root = tmp_path_factory.mktemp("mini")
@@ -25,6 +28,7 @@ def mini_config(tmp_path_factory):
     config["model"] = {"student": str(toy / "student"), "teacher": str(toy / "teacher")}
     config["data"]["path_or_name"] = str(toy / "data" / "train.jsonl")
     config["eval"]["data"].update(path_or_name=str(toy / "data" / "test.jsonl"), limit=4)
+    config["rollout"]["backend"] = "megatron"
     config["train"].update(steps=2, prompts_per_step=4, eval_every=2, save_every=0,
                            progress=False)
     path = root / "mini.yaml"

@@ -4,7 +4,7 @@ GPUs each as GRES, in a temporary directory), without a container (CONTAINER_RUN
 
 - the script's own allocation (4 nodes x 8 GPUs, 64 CPUs per task, exclusive) is accepted by
   slurmctld and its DRY_RUN, run as a job, prints the launcher's plan;
-- the miniature toy (conftest.py's mini_config) trains at TP=2 over 2 nodes x 1 process and is
+- the miniature toy (tests/conftest.py's mini_config) trains at TP=2 over 2 nodes x 1 process and is
   preempted twice the ways a cluster does it, after its first checkpoint: the time-limit warning
   the script asks for (--signal=B:USR1@600, made due by shortening the job's time limit: the
   script passes SIGTERM to the training step and requeues the job itself) and a requeue by Slurm
@@ -35,9 +35,14 @@ from tests.distributed.launcher import free_port
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "examples" / "slurm" / "trb_distill.sbatch"
 CLUSTER = ROOT / "scripts" / "local_slurm.sh"
-# the miniature toy with short rollouts (about 2 s a step here): enough steps that both
-# preemptions land before the end whatever the time-limit check's 30 s period does
-TRAIN_ARGS = ["train.steps=14", "train.save_every=3", "eval=null", "rollout.max_new_tokens=16"]
+# The miniature toy with short rollouts: 1.2-2 s a step on 2 cores. Both preemptions must land
+# before the end: the time-limit signal comes up to 30 s after the limit is shortened (slurmctld's
+# check period), i.e. up to ~25 steps after the first checkpoint on a quiet machine, and the
+# requeue a few steps after the restart (14 steps were measured to finish before the first
+# signal on a quiet machine).
+STEPS = 45
+TRAIN_ARGS = [f"train.steps={STEPS}", "train.save_every=3", "eval=null",
+              "rollout.max_new_tokens=16"]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 RESUMING = re.compile(r"resuming from (\S+)/step_(\d{6}) at step (\d+) of")
@@ -211,7 +216,7 @@ def test_preempted_job_resumes_and_matches_an_uninterrupted_one(slurm, mini_conf
     assert len(resumed) == 2, text[-4000:]
     for (directory, name, step), done in zip(resumed, (done_at_signal, done_at_requeue)):
         assert directory == str(run / "checkpoints") and int(name) == int(step) >= done, resumed
-    assert int(resumed[0][2]) < int(resumed[1][2]) < 14
+    assert int(resumed[0][2]) < int(resumed[1][2]) < STEPS
     assert batch.count("signal: asking the trainer to checkpoint") == 2, batch
     assert batch.count("requeueing job") == 1, batch  # the time limit; Slurm requeues preemptions
     assert "no container:" in batch and "(restart 2)" in batch
@@ -220,5 +225,5 @@ def test_preempted_job_resumes_and_matches_an_uninterrupted_one(slurm, mini_conf
 
     # the result is that of an uninterrupted run, bit for bit
     got, want = _records(run), _records(tmp_path / "reference")
-    assert [r["step"] for r in got] == list(range(14))
+    assert [r["step"] for r in got] == list(range(STEPS))
     assert [_computed(r) for r in got] == [_computed(r) for r in want]

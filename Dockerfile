@@ -11,7 +11,7 @@
 #
 # The CPU form (scripts/build_image.sh, built with podman from a debootstrap Debian base):
 #   --build-arg BASE_IMAGE=localhost/trb-base:bookworm --build-arg CPU_STACK=1
-#   --build-arg INSTALL_TE=0 --build-arg INSTALL_APEX=0
+#   --build-arg MCORE_VERSION=0.16.1 --build-arg INSTALL_TE=0 --build-arg INSTALL_APEX=0
 # installs Python 3.11 and the pinned CPU stack of scripts/ (torch, SGLang without its CUDA-only
 # requirements) instead of taking them from the base, and leaves out the CUDA-only layers.
 # docs/cluster.md has both forms.

@@ -18,6 +18,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 image="${IMAGE:-trb-megatron:0.1.0-cpu}"
 base="${BASE:-localhost/trb-base:bookworm}"
 steps="${CHECK_STEPS:-3}"
+# the CPU form's Python is Debian 12's 3.11: the megatron-core of scripts/venv.sh's 3.11
+# environment (the Dockerfile's default, the newest tested release, needs 3.12)
+mcore="$(sed -n 's/^ *main) .* mcore=\([0-9.]*\) .*/\1/p' "$root/scripts/venv.sh")"
+[ -n "$mcore" ] || { echo "build_image.sh: no megatron-core pin for 'main' in scripts/venv.sh" >&2; exit 1; }
 own_work=0
 if [ -z "${WORK:-}" ]; then WORK="$(mktemp -d /tmp/trb-image.XXXXXX)"; own_work=1; fi
 log() { echo "[build_image] $(date +%T) $*" >&2; }
@@ -102,7 +106,7 @@ start=$(date +%s)
 log "building $image (CPU form) from $base"
 # docker format: the OCI format would drop the Dockerfile's SHELL (bash with pipefail)
 podman build --format docker --force-rm --network=host "${volumes[@]}" -t "$image" \
-  --build-arg BASE_IMAGE="$base" --build-arg CPU_STACK=1 \
+  --build-arg BASE_IMAGE="$base" --build-arg CPU_STACK=1 --build-arg MCORE_VERSION="$mcore" \
   --build-arg INSTALL_TE=0 --build-arg INSTALL_APEX=0 "$root"
 build_s=$(elapsed "$start")
 log "built $image in $build_s s ($(podman image inspect --format '{{.Size}}' "$image" \

@@ -17,7 +17,7 @@ Needs root and Debian's slurm-wlm, slurmctld, slurmd, slurm-client and munge, wh
 `scripts/local_slurm.sh install` adds when missing (apt-get); skipped, saying why, where they
 cannot be installed. Prints the measured times (-s shows them).
 
-Run: .venv/bin/python -m pytest tests/distributed/test_slurm.py -q -s   (~4 min on 2 cores)
+Run: .venv/bin/python -m pytest tests/distributed/test_slurm.py -q -s   (~3 min on 2 cores)
 """
 
 import json

@@ -91,7 +91,7 @@ def test_dockerfile_pins_match_setup_py():
     # CPU form and installs the CPU stack instead
     assert (args["INSTALL_TE"], args["INSTALL_APEX"], args["CPU_STACK"]) == ("1", "1", "0")
     build = (ROOT / "scripts" / "build_image.sh").read_text()
-    for switch in ("CPU_STACK=1", "INSTALL_TE=0", "INSTALL_APEX=0"):
+    for switch in ("CPU_STACK=1", 'MCORE_VERSION="$mcore"', "INSTALL_TE=0", "INSTALL_APEX=0"):
         assert f"--build-arg {switch}" in build
     # a non-root user, numeric so the host can check it, and no weights in the build context
     users = re.findall(r"^USER (\S+)$", text, flags=re.M)

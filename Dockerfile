@@ -58,12 +58,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 # The CPU form only: Debian's Python 3.11, then exactly the environment the tests verify
 # (scripts/constraints-cpu.txt is the complete freeze of scripts/venv.sh's .venv: torch 2.14.1,
-# SGLang 0.5.23 without its CUDA-only requirements, megatron-core; installed as listed).
+# SGLang 0.5.23 without its CUDA-only requirements, megatron-core; installed as listed). g++ and
+# the Python headers: SGLang's seeded sampler is torch.compile'd, and on a CPU inductor builds C++
+# (without them the engine's first batch fails: "No working C++ compiler found").
 COPY scripts/constraints-cpu.txt /opt/cpu-stack/
-# hadolint ignore=DL3008 # Debian's own python3 of the base's release (bookworm: 3.11)
+# hadolint ignore=DL3008 # Debian's own packages of the base's release (bookworm: Python 3.11)
 RUN if [ "${CPU_STACK}" = 1 ]; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends python3 python3-pip \
+        && apt-get install -y --no-install-recommends python3 python3-pip python3-dev g++ \
         && rm -rf /var/lib/apt/lists/* \
         && python3 -m pip install "pip==${PIP_VERSION}" "setuptools==${SETUPTOOLS_VERSION}" \
         && python3 -m pip install --no-deps -r /opt/cpu-stack/constraints-cpu.txt; \

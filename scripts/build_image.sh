@@ -114,16 +114,16 @@ log "built $image in $build_s s ($(podman image inspect --format '{{.Size}}' "$i
 
 if [ "${CHECK:-1}" = 1 ]; then
   # The toy main job as the image runs it by default, for a few steps: the image's user (not
-  # root) writes the toy build, the converted models, checkpoints and metrics to a mounted
-  # directory (:U hands it to that user).
+  # root) writes the toy build, the converted models, checkpoints and metrics to a directory of
+  # the host mounted over the image's runs/ (:U hands it to that user), where the toy config
+  # puts them.
   run="$WORK/run"
   mkdir -p "$run"
   start=$(date +%s)
-  log "running $steps toy steps in $image as its user, run directory $run mounted at /run-dir"
-  podman run --rm --network=none --ipc=host -v "$run:/run-dir:U" "$image" \
+  log "running $steps toy steps in $image as its user, $run mounted at /opt/trb-megatron/runs"
+  podman run --rm --network=none --ipc=host -v "$run:/opt/trb-megatron/runs:U" "$image" \
     bash -c 'id -u && exec bash examples/run_trb_distill.sh "$@"' _ \
-    train.run_dir=/run-dir/toy_trb toy.out_dir=/run-dir/toy_models "train.steps=$steps" \
-    train.eval_every=0 eval.data.limit=32 | tee "$WORK/check.log"
+    "train.steps=$steps" train.eval_every=0 eval.data.limit=32 | tee "$WORK/check.log"
   grep -q '^  status: done$' "$WORK/check.log"
   [ "$(head -n 1 "$WORK/check.log")" != 0 ] || { log "the job ran as root"; exit 1; }
   log "toy check passed in $(elapsed "$start") s: $(wc -l < "$run/toy_trb/metrics.jsonl")" \

@@ -30,6 +30,11 @@ gloo; and SGLang refuses more CPU ranks than NUMA nodes unless SGLANG_CPU_OMP_TH
 splits the cores, which engine_arguments does. TP=2 engines then produce the TP=1 results (to
 float rounding) but are slower on a small machine (a gloo all-reduce per layer).
 
+A C++ compiler (`engine_arguments` checks for one): SGLang's seeded sampler is torch.compile'd,
+and on a CPU inductor builds C++ for it; without g++ the engine starts and its first batch fails
+("InvalidCxxCompiler: No working C++ compiler found"), the scheduler dies and takes the calling
+process with it.
+
 Engine arguments (`engine_arguments`): torch_native attention, no CUDA graphs, no memory saver
 (torch_memory_saver is CUDA-only: the KV cache and weights stay resident), float32, and a KV pool
 capped by max_total_tokens: on CPU SGLang sizes the pool from a fraction of the machine's free
@@ -118,6 +123,21 @@ def _thread_split(tp_size: int) -> str:
     return "|".join(f"{g[0]}-{g[-1]}" for g in groups)
 
 
+def require_cpp_compiler() -> None:
+    """Raise, naming the fix, where torch's inductor finds no C++ compiler (its own search:
+    torch._inductor.config.cpp.cxx, i.e. $CXX or g++), which SGLang's sampler needs on CPU."""
+    from torch._inductor import config, cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as err:
+        raise RuntimeError(
+            "SGLang on CPU needs a C++ compiler: its seeded sampler is compiled by torch.compile, "
+            f"which builds C++ on a CPU, and none of {config.cpp.cxx} works here. Install one "
+            "(Debian/Ubuntu: apt-get install g++ python3-dev) or point CXX at it; or use "
+            "rollout.backend=megatron") from err
+
+
 def engine_arguments(*, tp_size: int, max_total_tokens: int) -> dict:
     """sglang.Engine arguments a CPU engine needs (empty where CUDA is available). Also sets
     SGLANG_CPU_OMP_THREADS_BIND for the engine's scheduler processes: without it SGLang allows
@@ -125,6 +145,7 @@ def engine_arguments(*, tp_size: int, max_total_tokens: int) -> dict:
     max_total_tokens: KV pool size in tokens; 0 takes CPU_MAX_TOTAL_TOKENS."""
     if not active():
         return {}
+    require_cpp_compiler()
     os.environ[THREADS_BIND_VAR] = _thread_split(tp_size)
     return dict(device="cpu", attention_backend=DETERMINISTIC_BACKEND, disable_cuda_graph=True,
                 enable_memory_saver=False, dtype="float32",

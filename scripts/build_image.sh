@@ -2,7 +2,7 @@
 # The CPU form of the Dockerfile, built with podman from a local Debian 12 base (no registry),
 # then checked by running the toy main job for a few steps inside it as the image's non-root
 # user, writing to a mounted run directory. Root; Debian's podman, runc and debootstrap are
-# installed when missing. Not part of scripts/test.sh (about 15 minutes; docs/cluster.md):
+# installed when missing. Not part of scripts/test.sh (about 8.5 minutes; docs/cluster.md):
 #
 #   bash scripts/build_image.sh            # build trb-megatron:0.1.0-cpu, then the toy check
 #   CHECK=0 bash scripts/build_image.sh    # build only

@@ -190,18 +190,22 @@ def test_engine_arguments(adapted):
                     "dtype": "float32", "max_total_tokens": cpu_backend.CPU_MAX_TOTAL_TOKENS}
 
 
-def test_a_missing_cpp_compiler_is_named_before_the_engine_starts(monkeypatch):
+def test_a_missing_cpp_compiler_is_named_before_the_engine_starts():
     """SGLang's seeded sampler is torch.compile'd; without a C++ compiler inductor fails inside
     the engine's first batch (InvalidCxxCompiler, the scheduler dies). Found building the CPU
     image, which had no g++. Here: inductor's own search with a compiler that does not exist."""
     from torch._inductor import config, cpp_builder, exc
 
     cpu_backend.require_cpp_compiler()  # this machine has g++
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler++",))
-    with pytest.raises(exc.InvalidCxxCompiler):  # the upstream failure
-        cpp_builder.get_cpp_compiler()
-    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*apt-get install g\+\+"):
-        cpu_backend.require_cpp_compiler()
+    # torch's own config patch: a plain setattr/monkeypatch on its config module deletes the
+    # option on undo, and every later torch.compile in the process fails
+    with config.patch({"cpp.cxx": ("no-such-compiler++",)}):
+        with pytest.raises(exc.InvalidCxxCompiler):  # the upstream failure
+            cpp_builder.get_cpp_compiler()
+        with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*apt-get install g\+\+"):
+            cpu_backend.require_cpp_compiler()
+    assert config.cpp.cxx[-1]  # restored
+    cpu_backend.require_cpp_compiler()
 
 
 def _group_body(rank, world, adapted_run, out):

@@ -50,7 +50,6 @@ def run_job(config: Config) -> int:
     """Run the whole job; returns the process exit code (0: done or preempted-and-saved)."""
     from trb_megatron.eval.pass1 import evaluate_pass1
     from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
-    from trb_megatron.training.checkpointing import start_checkpoint_writer
     from trb_megatron.training.trainer import Trainer
 
     start = time.perf_counter()
@@ -58,7 +57,6 @@ def run_job(config: Config) -> int:
         raise ValueError("the job needs a data section (training prompts)")
     if not dist.is_initialized():
         dist.init_process_group(detect_profile().distributed_backend)
-    start_checkpoint_writer()  # before the first save, the conversion's (checkpointing.py: why)
     rank0 = dist.get_rank() == 0
     run_dir = Path(config.train.run_dir)
     if config.toy is not None:

@@ -1,5 +1,5 @@
-"""The checkpoint writer survives a preemption's SIGTERM (checkpointing.start_checkpoint_writer):
-megatron-core's dist_checkpointing writer reports through a multiprocessing Manager server that
+"""The checkpoint writer survives a preemption's SIGTERM (trb_megatron/checkpoint/writer.py,
+which every save of the product goes through): megatron-core's dist_checkpointing writer reports through a multiprocessing Manager server that
 SIGTERM kills, so the checkpoint the trainer writes on Slurm's signal failed (BrokenPipeError);
 started by the product, the server ignores SIGTERM and still exits with its owner. End to end on
 a Slurm cluster: tests/distributed/test_slurm.py.
@@ -25,7 +25,7 @@ PROBE = """
 import os, signal, sys, time
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 if sys.argv[1] == "product":
-    from trb_megatron.training.checkpointing import start_checkpoint_writer
+    from trb_megatron.checkpoint.writer import start_checkpoint_writer
     start_checkpoint_writer()
     start_checkpoint_writer()  # idempotent: the same server
 # the queue a save asks for (renamed get_write_results_queue in megatron-core 0.19)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from trb_megatron.checkpoint.hf_names import ignorable_hf_name, param_specs, resolve_name
 from trb_megatron.checkpoint.safetensors_io import HFWeights, ShardedWriter
+from trb_megatron.checkpoint.writer import save_distributed
 from trb_megatron.models.arch import ModelArch
 from trb_megatron.models.builder import build_model
 from trb_megatron.parallel import detect_profile, initialize_parallel
@@ -151,8 +152,6 @@ def inspect_hf(hf_dir):
 
 def hf_to_megatron(hf_dir, out_dir, *, overwrite=False, progress=True):
     """Convert a Hugging Face model directory into a Megatron distributed checkpoint."""
-    from megatron.core import dist_checkpointing
-
     hf_dir = Path(hf_dir)
     arch, weights, specs = inspect_hf(hf_dir)
     dtype = weights.dtype(specs[0].hf[0])
@@ -171,7 +170,7 @@ def hf_to_megatron(hf_dir, out_dir, *, overwrite=False, progress=True):
         if _rank0():
             (stage / "model").mkdir()
         _barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), str(stage / "model"))
+        save_distributed(model.sharded_state_dict(), str(stage / "model"))
         if _rank0():
             _copy_side_files(hf_dir, stage / "hf")
             meta = {"format_version": FORMAT_VERSION, "params_dtype": _dtype_name(dtype),

@@ -11,15 +11,14 @@ atomically afterwards. A crash or kill at any moment leaves the previous checkpo
 """
 
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import torch.distributed as dist
 
 from trb_megatron.checkpoint.convert import FORMAT_VERSION, META, read_meta
+from trb_megatron.checkpoint.writer import save_distributed
 
 LATEST = "latest"
 # The default fully_sharded_model_space format fails on save in megatron-core 0.16.1.
@@ -34,35 +33,9 @@ def _state(ddp, optimizer, trainer_state, is_loading):
             "trainer": trainer_state}
 
 
-def start_checkpoint_writer() -> None:
-    """Start megatron-core's checkpoint-writer helper process now, immune to SIGTERM.
-
-    dist_checkpointing's writer (strategies.filesystem_async) reports its results through a
-    multiprocessing Manager: a server process it starts at the first save and keeps for the life
-    of the process. Slurm signals every process of a job step (preemption, `scontrol requeue`,
-    the time-limit signal that examples/slurm/trb_distill.sbatch passes on), and SIGTERM kills
-    that server, so the checkpoint the trainer writes on the signal failed with BrokenPipeError
-    (seen on the local Slurm cluster of tests/distributed/test_slurm.py). This starts the same
-    Manager (spawned, as upstream does) with SIGTERM ignored in its process and hands upstream
-    its queue; the calling process keeps its own SIGTERM handler. Call it before the first save
-    (the job and Trainer.run do); once a queue exists it does nothing.
-    """
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is not None:
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
-    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-
-
 def save_checkpoint(run_dir, step: int, ddp, optimizer, trainer_state: dict, student_dir,
                     keep: int) -> Path:
     """Collective. Writes checkpoints/step_{step}, points `latest` at it, prunes old ones."""
-    from megatron.core import dist_checkpointing
-
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     stage = root / f"step_{step:06d}.partial"
@@ -70,7 +43,7 @@ def save_checkpoint(run_dir, step: int, ddp, optimizer, trainer_state: dict, stu
         shutil.rmtree(stage, ignore_errors=True)
         (stage / "model").mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_state(ddp, optimizer, trainer_state, False), str(stage / "model"))
+    save_distributed(_state(ddp, optimizer, trainer_state, False), str(stage / "model"))
     dist.barrier()
     if dist.get_rank() == 0:
         source = read_meta(student_dir)

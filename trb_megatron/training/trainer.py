@@ -24,7 +24,7 @@ from trb_megatron.models.pairing import shared_vocab_layout
 from trb_megatron.parallel import detect_profile, initialize_parallel
 from trb_megatron.sglang_plugin.version import require_sglang
 from trb_megatron.training.checkpointing import (latest_checkpoint, load_checkpoint,
-                                                 save_checkpoint, start_checkpoint_writer)
+                                                 save_checkpoint)
 from trb_megatron.training.distill_step import DistillStep
 from trb_megatron.training.metrics import MetricsLog, rollout_statistics
 from trb_megatron.training.optim import learning_rate, set_learning_rate, wrap_and_optimize
@@ -182,7 +182,6 @@ class Trainer:
         """Train to config.train.steps; returns "done", or "preempted" after a SIGTERM."""
         cfg = self.config.train
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        start_checkpoint_writer()  # before any SIGTERM can reach it (checkpointing.py says why)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.rank0),
                    desc="distill")
         try:

@@ -24,9 +24,9 @@ setup(
         # Any torch the environment provides; CPU installs pin torch 2.14.1 first (scripts/venv.sh).
         "torch>=2.6",
         # 0.16.1 is the newest release for Python 3.11 (0.17+ declare Python >= 3.12); CI tests
-        # both ends, 0.16.1 on 3.11 and 0.19.2 on 3.12 (scripts/venv.sh). Without CUDA the CPU
-        # backend accepts only the releases it was tested against (TESTED_MEGATRON_CORE_VERSIONS
-        # in trb_megatron/parallel/cpu_backend.py).
+        # both ends, 0.16.1 on 3.11 and 0.19.2 on 3.12 (scripts/environments.txt). Without CUDA
+        # the CPU backend accepts only the releases it was tested against
+        # (TESTED_MEGATRON_CORE_VERSIONS in trb_megatron/parallel/cpu_backend.py).
         "megatron-core>=0.16.1,<0.20",
         "transformers>=4.56",
         "datasets>=3.0",

@@ -18,24 +18,16 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 image="${IMAGE:-trb-megatron:0.1.0-cpu}"
 base="${BASE:-localhost/trb-base:bookworm}"
 steps="${CHECK_STEPS:-3}"
-# the CPU form's Python is Debian 12's 3.11: the megatron-core of scripts/venv.sh's 3.11
-# environment (the Dockerfile's default, the newest tested release, needs 3.12)
-mcore="$(sed -n 's/^ *main) .* mcore=\([0-9.]*\) .*/\1/p' "$root/scripts/venv.sh")"
-[ -n "$mcore" ] || { echo "build_image.sh: no megatron-core pin for 'main' in scripts/venv.sh" >&2; exit 1; }
+# the CPU form's Python is Debian 12's 3.11: the megatron-core of the 3.11 environment (the
+# Dockerfile's default, the newest tested release, needs 3.12)
+mcore="$(awk '$1 == "main" { print $4 }' "$root/scripts/environments.txt")"
+[ -n "$mcore" ] || { echo "build_image.sh: no 'main' environment in scripts/environments.txt" >&2; exit 1; }
 own_work=0
 if [ -z "${WORK:-}" ]; then WORK="$(mktemp -d /tmp/trb-image.XXXXXX)"; own_work=1; fi
 log() { echo "[build_image] $(date +%T) $*" >&2; }
 elapsed() { echo $(($(date +%s) - $1)); }
 
-missing=()
-for p in podman runc debootstrap; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing ${missing[*]}"
-  apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
-fi
+bash "$root/scripts/apt_install.sh" podman runc debootstrap
 
 # Two podman defaults fail on machines like this one: crun cannot raise RLIMIT_NOFILE without
 # CAP_SYS_RESOURCE and does not support cgroups in hybrid mode. runc with limits no higher than

@@ -14,25 +14,8 @@
 # stays as it is. Ports: SLURM_PORTS="CTLD N1 N2 ..." (free ones are picked otherwise). Needs
 # root (munged and slurmd run as root, as on the test machines). docs/testing.md, Slurm tier.
 set -euo pipefail
-packages=(slurm-wlm slurmctld slurmd slurm-client munge)
 
 usage() { sed -n '2,16p' "$0" >&2; exit 2; }
-
-install_packages() {
-  local missing=() p
-  for p in "${packages[@]}"; do
-    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
-      || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "[local_slurm] installing ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  # the package lists may be missing or stale on a fresh machine: update once, then install
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-  }
-}
 
 free_ports() {  # $1 ports that are free on loopback now
   python3 - "$1" <<'EOF'
@@ -179,7 +162,8 @@ start_daemons() {  # $1 dir, $2 nodes; run by "up" inside the new mount namespac
 }
 
 case "${1:-}" in
-  install) install_packages ;;
+  install) bash "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh" --no-install-recommends \
+    slurm-wlm slurmctld slurmd slurm-client munge ;;
   _daemons) start_daemons "$2" "$3" ;;
   up) [ $# -ge 2 ] || usage; up "$2" "${3:-4}" ;;
   down) [ $# -eq 2 ] || usage; down "$2" ;;

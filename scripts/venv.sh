@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
 # Create or reuse a pinned CPU environment at the repo root. There are two, the two ends of the
-# supported megatron-core range (scripts/test.sh runs the Megatron tests in both):
-#   main   .venv/     Python 3.11, megatron-core 0.16.1, torch 2.14.1, SGLang 0.5.23 without its
-#                     CUDA-only requirements (the colocated SGLang backend runs the trainer and
-#                     the engine in one process). The environment of everything but the tests.
-#   py312  .venv312/  Python 3.12, megatron-core 0.19.2, torch 2.14.1; no SGLang.
+# supported megatron-core range (scripts/test.sh runs the Megatron tests in both), pinned in
+# scripts/environments.txt:
+#   main   .venv/     Python 3.11 with SGLang (without its CUDA-only requirements: the colocated
+#                     SGLang backend runs the trainer and the engine in one process). The
+#                     environment of everything but the tests.
+#   py312  .venv312/  Python 3.12, the newest megatron-core; no SGLang.
 # Both take every other version from scripts/constraints-cpu.txt. torch 2.14.1 is a CUDA build
 # that runs on the CPU (it brings triton, which megatron-core >= 0.18 imports); for Python 3.11
 # it lies on this machine's disk, for 3.12 pip downloads it (~4 minutes, ~6 GB installed).
 #   bash scripts/venv.sh [main|py312]      set up one environment (default main)
 #   source scripts/venv.sh                 set up main, export TRB_ROOT and TRB_PYTHON (its python)
 #   trb_venv py312                         (after sourcing) the same for another environment
-# An environment is reinstalled only when setup.py, the requirement files or this script change
-# (a stamp inside it); concurrent callers (e.g. parallel benchmark runs) wait on a lock instead
-# of racing pip.
+# An environment is reinstalled only when setup.py, the requirement files, the environments table
+# or this script change (a stamp inside it); concurrent callers (e.g. parallel benchmark runs)
+# wait on a lock instead of racing pip.
 set -euo pipefail
 TRB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TRB_ROOT
 
 trb_venv() {
-  local name="$1" dir python mcore sglang
-  case "$name" in
-    main) dir=.venv python=3.11 mcore=0.16.1 sglang=1 ;;
-    py312) dir=.venv312 python=3.12 mcore=0.19.2 sglang=0 ;;
-    *) echo "scripts/venv.sh: unknown environment '$name' (main or py312)" >&2; return 2 ;;
-  esac
+  local name="$1" table="$TRB_ROOT/scripts/environments.txt" dir="" python mcore sglang
+  read -r dir python mcore sglang < <(awk -v name="$name" '$1 == name { print $2, $3, $4, $5 }' \
+    "$table") || true
+  if [ -z "$dir" ]; then
+    echo "scripts/venv.sh: unknown environment '$name' ($(awk '!/^#/ && NF { print $1 }' \
+      "$table" | paste -sd, -): scripts/environments.txt)" >&2
+    return 2
+  fi
   local venv="$TRB_ROOT/$dir" lock
   TRB_PYTHON="$venv/bin/python"
   export TRB_PYTHON
@@ -51,7 +54,7 @@ trb_venv() {
   fi
   local stamp="$venv/.trb-installed" want
   want="$(cat "$TRB_ROOT/setup.py" "$TRB_ROOT/scripts/constraints-cpu.txt" \
-    "$TRB_ROOT/scripts/requirements-sglang-cpu.txt" "$TRB_ROOT/scripts/venv.sh" \
+    "$TRB_ROOT/scripts/requirements-sglang-cpu.txt" "$table" "$TRB_ROOT/scripts/venv.sh" \
     | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[venv] installing the CPU stack into $venv ('$name': Python $python," \

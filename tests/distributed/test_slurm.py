@@ -51,12 +51,10 @@ RESUMING = re.compile(r"resuming from (\S+)/step_(\d{6}) at step (\d+) of")
 class Cluster:
     """The running cluster: Slurm's commands pointed at its config."""
 
-    def __init__(self, directory: Path, started_s: float):
-        self.directory = directory
+    def __init__(self, directory: Path):
         mine = {"CONTAINER_RUNTIME", "TRB_IMAGE", "TRB_SHARED", "CONFIG", "RUN_DIR", "DRY_RUN"}
         self.env = {**{k: v for k, v in os.environ.items() if k not in mine},
                     "SLURM_CONF": str(directory / "slurm.conf")}
-        self.started_s = started_s
 
     def command(self, *args: str, env=None) -> str:
         done = subprocess.run(args, env=env or self.env, cwd=ROOT, capture_output=True,
@@ -115,9 +113,8 @@ def slurm(tmp_path_factory):
         up = subprocess.run(["bash", str(CLUSTER), "up", str(directory), "4"],
                             capture_output=True, text=True, timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
-        cluster = Cluster(directory, time.monotonic() - start)
-        print(f"\n[slurm] 4-node cluster up in {cluster.started_s:.1f} s")
-        yield cluster
+        print(f"\n[slurm] 4-node cluster up in {time.monotonic() - start:.1f} s")
+        yield Cluster(directory)
     finally:  # every daemon and job process by PID, also after a failed start or test
         subprocess.run(["bash", str(CLUSTER), "down", str(directory)], timeout=120)
 

@@ -66,6 +66,31 @@ def test_sglang_cpu_requirements_follow_sglangs_metadata():
     assert listed == needed - left_out, (listed ^ (needed - left_out))
 
 
+def test_environment_table_pins_supported_releases():
+    """scripts/environments.txt (read by scripts/venv.sh and scripts/build_image.sh): both ends of
+    setup.py's megatron-core range, the newer one the GPU image's default, and this test's own
+    environment installed as its row says."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    rows = [line.split() for line in (ROOT / "scripts" / "environments.txt").read_text()
+            .splitlines() if line.strip() and not line.startswith("#")]
+    table = {name: (directory, python, mcore, sglang)
+             for name, directory, python, mcore, sglang in rows}
+    assert set(table) == {"main", "py312"}
+    mcores = sorted(Version(row[2]) for row in table.values())
+    assert all(m in _setup_requirements()["megatron-core"].specifier for m in mcores)
+    assert mcores[0] == Version("0.16.1")  # the newest release for Python 3.11
+    assert str(mcores[-1]) == _dockerfile_args()["MCORE_VERSION"]
+    here = Path(sys.prefix).resolve()
+    mine = [row for row in table.values() if (ROOT / row[0]).resolve() == here]
+    if not mine:
+        pytest.skip(f"{sys.prefix} is not one of the environments of scripts/environments.txt")
+    _, python, mcore, _ = mine[0]
+    assert "%d.%d" % sys.version_info[:2] == python and version("megatron-core") == mcore
+
+
 def test_dockerfile_lints_clean():
     done = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)],
                           capture_output=True, text=True)

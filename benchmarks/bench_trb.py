@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from trb_megatron.trb import reverse_kl_loss, solve_beta
+from trb_megatron.methods import reverse_kl_loss, solve_beta
 
 EPS = (0.001, 0.01, 0.05)
 

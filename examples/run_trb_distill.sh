@@ -13,7 +13,7 @@
 # Environment: CONFIG (YAML, default toy_cpu.yaml without a GPU), NNODES (1), NODE_RANK (0),
 # NPROC_PER_NODE (GPUs on this node, or 2 on CPU), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
 # DRY_RUN=1 (validate the config and the layout for NNODES x NPROC_PER_NODE, print the plan,
-# no GPU needed). Extra arguments are dotted config overrides, e.g. trb.method=opd. Config errors
+# no GPU needed). Extra arguments are dotted config overrides, e.g. method.name=opd. Config errors
 # and paths that do not exist exit with code 2 before torchrun starts (CHECK_ONLY=1 below).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,4 +1,4 @@
-"""Dense float64 references for the TRB math, written independently of trb_megatron.trb:
+"""Dense float64 references for the TRB math, written independently of trb_megatron.methods:
 plain log_softmax over the full vocabulary and a fine bisection for beta."""
 
 import torch

@@ -1,7 +1,7 @@
 """Command-line entry of the distillation job: the only module that reads argv and the
 environment. examples/run_trb_distill.sh calls `main` once with CHECK_ONLY=1 before it starts
-torchrun (config errors and missing paths exit with code 2 there), then on every rank; or once
-with DRY_RUN=1.
+torchrun (config errors, missing paths and the layout checks of DRY_RUN exit with code 2
+there), then on every rank; or once with DRY_RUN=1.
 
     CONFIG=examples/configs/toy_cpu.yaml python examples/run_trb_distill.sh [key=value ...]
 """
@@ -65,9 +65,6 @@ def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
                      f"{arch.hidden_size}, {arch.num_heads} heads / {arch.num_kv_heads} KV, "
                      f"vocab {arch.vocab_size} padded to {arch.padded_vocab_size}; "
                      f"{arch.num_layers // pp} layers per stage)")
-    t = config.trb
-    schedule = {"trb": f"eps {t.eps0} annealed linearly to 0 over {t.anneal_steps} steps",
-                "opd": "eps = 0 (vanilla OPD)", "fixed_eps": f"eps fixed at {t.eps0}"}[t.method]
     f8 = config.fp8
     if f8.enabled:
         lines.append(f"  fp8: {f8.format}, recipe {f8.recipe}, amax history "
@@ -75,8 +72,7 @@ def dry_run(config, nnodes: int, nproc_per_node: int) -> str:
                      f"layers {f8.bf16_layers_at_start} first / {f8.bf16_layers_at_end} last, "
                      f"{'student and teacher' if f8.teacher else 'student only'} (needs "
                      "Transformer Engine on the GPUs)")
-    lines += [f"  method: {t.method}: {schedule}; loss {config.loss.estimator}"
-              f"{f' (k={config.loss.topk})' if config.loss.estimator == 'topk' else ''}",
+    lines += [f"  method {config.build_method().describe()}",
               f"  {config.train.steps} steps, lr {config.optim.lr}, run dir {config.train.run_dir}"]
     if missing:
         lines.append("  not on this machine (a run started here stops on them with code 2): "
@@ -98,7 +94,9 @@ def main(argv=None) -> int:
         missing = missing_paths(config)
         if missing:
             raise ValueError("; ".join(missing.values()))
-        if os.environ.get("CHECK_ONLY") == "1":
+        if os.environ.get("CHECK_ONLY") == "1":  # the plan's layout checks, nothing printed
+            dry_run(config, int(os.environ.get("NNODES", "1")),
+                    int(os.environ.get("NPROC_PER_NODE", "1")))
             return 0
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from trb_megatron.data import DataConfig, names_local_path
 from trb_megatron.parallel.profile import FP8_AMAX_ALGOS, FP8_FORMATS, FP8_RECIPES, FP8Settings
-from trb_megatron.trb import ESTIMATORS, METHODS
+from trb_megatron.methods import BEHAVIOURS, ESTIMATORS, OBJECTIVES, OUTLIERS, PRESETS
+from trb_megatron.methods.presets import MEANINGLESS, PART_KEYS
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -34,15 +35,111 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class TRBConfig:
-    method: str = "trb"
-    """trb (eps0 annealed linearly to 0 over anneal_steps), opd (eps = 0) or fixed_eps."""
+class MethodConfig:
+    name: str = "trb"
+    """The method preset: trb (TRB: blended rollouts, eps annealed linearly), opd (vanilla OPD),
+    fixed_eps (blend at a constant eps), tropd (TrOPD: teacher prefixes + trust-masked K1),
+    trb_tropd (TRB's blend with TrOPD's objective). Its parts can be overridden below."""
+    behaviour: str = ""
+    """How rollout tokens are drawn: student, trb_blend or teacher_prefix; "": the preset's."""
+    objective: str = ""
+    """How response tokens are scored: reverse_kl or tropd; "": the preset's."""
+    eps_schedule: str = ""
+    """trb_blend: linear (eps0 annealed to 0 over anneal_steps) or constant; "": the preset's
+    (linear; constant for fixed_eps)."""
     eps0: float = 0.02
-    """Initial trust-region budget KL(mu || pi_S) in nats (paper default 0.02)."""
+    """trb_blend: initial trust-region budget KL(mu || pi_S) in nats (paper default 0.02)."""
     anneal_steps: int = 50
-    """K: optimiser steps of the linear anneal (paper default 50)."""
+    """trb_blend: K, optimiser steps of the linear anneal (paper default 50)."""
     solver_tol: float = 1e-6
-    """Absolute KL tolerance of the beta solver (nats)."""
+    """trb_blend: absolute KL tolerance of the beta solver (nats)."""
+    prefix_max: int = 0
+    """teacher_prefix: L_0, the longest teacher prefix at step 0 (TrOPD: the maximum response
+    length); 0: rollout.max_new_tokens."""
+    prefix_anneal_steps: int = 0
+    """teacher_prefix: steps over which the longest prefix is cosine-annealed to 0 (TrOPD: the
+    whole run); 0: train.steps."""
+    estimator: str = "topk"
+    """reverse_kl: full (exact reverse KL), topk (the TRB paper's student top-k support) or
+    sampled (K1)."""
+    topk: int = 16
+    """reverse_kl: k of the topk estimator (TRB paper: 16)."""
+    outlier: str = "fkl"
+    """tropd: the term of tokens the trust mask rejects: fkl (forward KL over the teacher's
+    top-k, the paper's), clip (K1 with the reward clipped at -outlier_tau) or mask (K1 dropped
+    when |reward| > outlier_tau)."""
+    outlier_topk: int = 64
+    """tropd: k of the fkl outlier term (paper: 64; at most the vocabulary)."""
+    outlier_tau: float = 2.0
+    """tropd: tau of the clip and mask outlier terms, nats (the paper gives none)."""
+    prefix_weight: float = 0.001
+    """tropd: weight of the K1 forward KL on teacher-prefix tokens (the TrOPD paper's beta,
+    0.001)."""
+
+    def preset_parts(self) -> dict:
+        """behaviour, objective and eps_schedule: the preset's, unless set here."""
+        if self.name not in PRESETS:
+            raise ValueError(f"method.name={self.name!r} is not a preset; presets: "
+                             f"{', '.join(PRESETS)}")
+        preset = {"eps_schedule": "linear", **PRESETS[self.name]}
+        return {key: getattr(self, key) or preset[key] for key in PART_KEYS}
+
+    def resolve(self, *, train_steps: int, max_new_tokens: int) -> "MethodConfig":
+        """Every setting explicit: the preset's parts filled in, prefix_max and
+        prefix_anneal_steps from the run when 0 (what a run records in its config.yaml)."""
+        return dataclasses.replace(
+            self, **self.preset_parts(), prefix_max=self.prefix_max or max_new_tokens,
+            prefix_anneal_steps=self.prefix_anneal_steps or train_steps)
+
+    def vocab_bounded(self) -> dict:
+        """{key: k} of the top-k sizes the chosen parts use, each at most the vocabulary (the
+        trainer checks them against the models before building them)."""
+        parts = self.preset_parts()
+        bounded = {}
+        if parts["objective"] == "reverse_kl" and self.estimator == "topk":
+            bounded["method.topk"] = self.topk
+        if parts["objective"] == "tropd" and self.outlier == "fkl":
+            bounded["method.outlier_topk"] = self.outlier_topk
+        return bounded
+
+    def checks(self, *, train_steps: int, max_new_tokens: int) -> list:
+        """(key, ok, rule) for validate()."""
+        if self.name not in PRESETS:
+            return [("method.name", False, f"one of the presets {', '.join(PRESETS)}")]
+        parts = self.preset_parts()
+        behaviour, objective = parts["behaviour"], parts["objective"]
+        checks = [
+            ("method.behaviour", behaviour in BEHAVIOURS, f"one of {', '.join(BEHAVIOURS)}"),
+            ("method.objective", objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+            ("method.eps_schedule", parts["eps_schedule"] in ("linear", "constant"),
+             "linear or constant"),
+            ("method.eps0", math.isfinite(self.eps0) and self.eps0 >= 0, "finite, >= 0"),
+            ("method.anneal_steps", self.anneal_steps >= 1, ">= 1"),
+            ("method.solver_tol", self.solver_tol > 0, "> 0"),
+            ("method.prefix_max", 0 <= self.prefix_max <= max_new_tokens,
+             f"in [0, rollout.max_new_tokens={max_new_tokens}] (0: rollout.max_new_tokens)"),
+            ("method.prefix_anneal_steps", self.prefix_anneal_steps >= 0,
+             ">= 0 (0: train.steps)"),
+            ("method.estimator", self.estimator in ESTIMATORS, f"one of {', '.join(ESTIMATORS)}"),
+            ("method.topk", self.topk >= 1, ">= 1 (and at most the vocabulary)"),
+            ("method.outlier", self.outlier in OUTLIERS, f"one of {', '.join(OUTLIERS)}"),
+            ("method.outlier_topk", self.outlier_topk >= 1, ">= 1 (and at most the vocabulary)"),
+            ("method.outlier_tau", math.isfinite(self.outlier_tau) and self.outlier_tau > 0,
+             "finite, > 0"),
+            ("method.prefix_weight", math.isfinite(self.prefix_weight)
+             and self.prefix_weight >= 0, "finite, >= 0"),
+        ]
+        if self.eps_schedule and behaviour != "trb_blend":
+            checks.append(("method.eps_schedule", False,
+                           f"unset: it schedules behaviour trb_blend's eps, and the behaviour "
+                           f"is {behaviour} (method.name={self.name})"))
+        why = MEANINGLESS.get((behaviour, objective, self.estimator if objective == "reverse_kl"
+                               else None))
+        if why:
+            checks.append(("method", False, f"a meaningful combination; behaviour {behaviour} "
+                           f"with objective {objective} and estimator {self.estimator} is not: "
+                           f"{why}"))
+        return checks
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -86,14 +183,6 @@ class RolloutConfig:
     """megatron (the trainer's own models, CPU or GPU) or sglang (needs the sglang extra)."""
     sglang: SGLangConfig = dataclasses.field(default_factory=SGLangConfig)
     """Settings of the sglang backend (ignored by the megatron backend)."""
-
-
-@dataclasses.dataclass(kw_only=True)
-class LossConfig:
-    estimator: str = "topk"
-    """full (exact reverse KL), topk (the paper's student top-k support) or sampled (K1)."""
-    topk: int = 16
-    """k of the topk estimator (paper: 16)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -184,12 +273,10 @@ class Config:
     """The loop: steps, batch, seed, run directory, checkpoints."""
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     """Tensor and pipeline parallel sizes (data parallel = world / (TP x PP))."""
-    trb: TRBConfig = dataclasses.field(default_factory=TRBConfig)
-    """The rollout trust region and its schedule."""
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    """The distillation method: a preset (behaviour policy x objective) and its settings."""
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     """Rollout sampling (temperature 1, no truncation)."""
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    """The per-prefix reverse-KL estimator."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     """AdamW and the learning-rate schedule."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
@@ -207,16 +294,10 @@ class Config:
         checks = [
             ("parallel.tensor_parallel", self.parallel.tensor_parallel >= 1, ">= 1"),
             ("parallel.pipeline_parallel", self.parallel.pipeline_parallel >= 1, ">= 1"),
-            ("trb.method", self.trb.method in METHODS, f"one of {METHODS}"),
-            ("trb.eps0", math.isfinite(self.trb.eps0) and self.trb.eps0 >= 0, "finite, >= 0"),
-            ("trb.anneal_steps", self.trb.anneal_steps >= 1, ">= 1"),
-            ("trb.solver_tol", self.trb.solver_tol > 0, "> 0"),
             ("rollout.samples_per_prompt", self.rollout.samples_per_prompt >= 1, ">= 1"),
             ("rollout.max_new_tokens", self.rollout.max_new_tokens >= 1, ">= 1"),
             ("rollout.backend", self.rollout.backend in ("megatron", "sglang"),
              "megatron or sglang"),
-            ("loss.estimator", self.loss.estimator in ESTIMATORS, f"one of {ESTIMATORS}"),
-            ("loss.topk", self.loss.topk >= 1, ">= 1"),
             ("optim.lr", self.optim.lr > 0, "> 0"),
             ("optim.min_lr", 0 <= self.optim.min_lr <= self.optim.lr, "in [0, optim.lr]"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, ">= 0"),
@@ -244,6 +325,8 @@ class Config:
              "tensorwise, blockwise or mxfp8 when fp8.bf16_layers_at_start/end > 0 (delayed "
              "scaling cannot keep layers in bf16)"),
         ]
+        checks += self.method.checks(train_steps=self.train.steps,
+                                     max_new_tokens=self.rollout.max_new_tokens)
         if self.eval is not None:
             checks += [("eval.samples", self.eval.samples >= 1, ">= 1"),
                        ("eval.max_new_tokens", self.eval.max_new_tokens >= 1, ">= 1"),
@@ -254,6 +337,18 @@ class Config:
         if bad:
             raise ValueError("invalid config: " + "; ".join(bad))
         return self
+
+    def resolved_method(self) -> MethodConfig:
+        """method with every setting explicit (MethodConfig.resolve) for this run."""
+        return self.method.resolve(train_steps=self.train.steps,
+                                   max_new_tokens=self.rollout.max_new_tokens)
+
+    def build_method(self):
+        """The methods.Method this config runs."""
+        from trb_megatron.methods import build_method
+
+        resolved = self.resolved_method()
+        return build_method(resolved.name, dataclasses.asdict(resolved))
 
 
 def _sglang_checks(sg: SGLangConfig, parallel: ParallelConfig) -> list:
@@ -280,11 +375,33 @@ def _sglang_checks(sg: SGLangConfig, parallel: ParallelConfig) -> list:
     ]
 
 
+MOVED = {
+    "trb.method": "method.name", "trb.eps0": "method.eps0",
+    "trb.anneal_steps": "method.anneal_steps", "trb.solver_tol": "method.solver_tol",
+    "loss.estimator": "method.estimator", "loss.topk": "method.topk",
+}
+MOVED_SECTIONS = {"trb": "method", "loss": "method"}
+"""Sections and keys of earlier releases and where they live now (from_dict names them)."""
+
+
 def from_dict(cls, data, prefix=""):
     """Build dataclass `cls` from a nested mapping; unknown keys and wrong types name the key."""
     if not isinstance(data, dict):
         raise ValueError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    moved = []
+    for key, value in data.items():
+        if prefix + key in MOVED_SECTIONS:
+            section = prefix + key
+            subs = sorted(value) if isinstance(value, dict) else []
+            moved += [f"{section}.{sub} moved to {MOVED[f'{section}.{sub}']}"
+                      if f"{section}.{sub}" in MOVED else
+                      f"{section}.{sub}: the {section} section moved to "
+                      f"{MOVED_SECTIONS[section]}" for sub in subs] or [
+                f"the {section} section moved to {MOVED_SECTIONS[section]}"]
+    if moved:
+        raise ValueError("; ".join(moved) + " (method.name picks a preset: "
+                         f"{', '.join(PRESETS)}; docs/configuration.md)")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys "

@@ -35,6 +35,8 @@ def _megatron_dir(path, converted: Path) -> str:
 
 
 def _warmup_summary(metrics_path: Path) -> dict:
+    """Over the steps whose rollouts blended (eps > 0): mean beta and the worst realised
+    KL(mu || pi_S) - eps (None without such steps: opd, tropd)."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     warm = [r for r in records if r["eps"] > 0]
     return {
@@ -116,7 +118,7 @@ def run_job(config: Config) -> int:
         trainer.close()
     if rank0:
         results.update(_warmup_summary(run_dir / "metrics.jsonl"), status=status,
-                       method=config.trb.method, eps0=config.trb.eps0,
+                       method=config.build_method().describe(),
                        wall_time_s=round(time.perf_counter() - start, 1))
         (run_dir / "summary.json").write_text(json.dumps(results, indent=2))
         print("summary:\n" + "\n".join(f"  {k}: {v}" for k, v in results.items()), flush=True)

@@ -1,6 +1,8 @@
 """One distillation step on a fixed batch gives the same loss and the same updated weights on
 one rank (every rank computing the whole batch), TP=2 x PP=2, TP=2 x DP=2, PP=2 x DP=2 and DP=4,
-for each loss estimator. Weights are compared after resharding every result to TP=1."""
+for each reverse-KL estimator and for the TrOPD objective (its trust mask drawn per token from
+(seed, row id, position): the same under every layout). Weights are compared after resharding
+every result to TP=1."""
 
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from trb_megatron.checkpoint.convert import hf_to_megatron, load_megatron, paral
 from trb_megatron.config import OptimConfig
 from trb_megatron.training.distill_step import DistillStep
 from trb_megatron.training.optim import wrap_and_optimize
-from trb_megatron.trb import VocabLayout
+from trb_megatron.methods import ReverseKL, TrOPD, VocabLayout
 
 pytestmark = pytest.mark.megatron
 
@@ -25,12 +27,16 @@ LAYOUTS = {"one-rank": (1, 1), "tp2-pp2": (2, 2), "tp2-dp2": (2, 1), "pp2-dp2": 
 # step one moves every weight by +-lr whatever its gradient, so gradients of ~1e-12 whose sign
 # depends on summation order would flip whole updates between layouts.
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.01, grad_clip=0.5, adam_eps=1e-3)
+OBJECTIVES = {"full": ReverseKL(estimator="full"), "topk": ReverseKL(estimator="topk", topk=5),
+              "sampled": ReverseKL(estimator="sampled"),
+              "tropd": TrOPD(outlier_topk=8, prefix_weight=0.5)}
 
 
 def _one_step(root, name, tp, pp, estimator):
     from megatron.core import dist_checkpointing
 
-    batch = fixed_batch(VOCAB, rows=4, length=10)
+    objective = OBJECTIVES[estimator]
+    batch = fixed_batch(VOCAB, rows=8, length=12, teacher_prefix=objective.name == "tropd")
     with parallel_layout(tp, pp) as groups:
         dp, dp_rank = groups.dp.size(), groups.dp.rank()
         if name != "one-rank":
@@ -40,9 +46,9 @@ def _one_step(root, name, tp, pp, estimator):
         _, teacher = load_megatron(root / "teacher", groups)
         ddp, optimizer = wrap_and_optimize(student, OPTIM, groups)
         step = DistillStep(ddp, teacher, optimizer, groups,
-                           VocabLayout(size=VOCAB, stop_ids=(1,)), estimator=estimator, topk=5,
+                           VocabLayout(size=VOCAB, stop_ids=(1,)), objective=objective,
                            micro_batch_size=1)
-        result = step(batch)
+        result = step(batch, noise_seed=5)
         out = root / f"{estimator}-{name}"
         if dist.get_rank() == 0:
             out.mkdir()
@@ -56,7 +62,7 @@ def _body(rank, world, root):
     hf_to_megatron(root / "hf-student", root / "student", progress=False)
     hf_to_megatron(root / "hf-teacher", root / "teacher", progress=False)
     exact = []
-    for estimator in ("full", "topk", "sampled"):
+    for estimator in OBJECTIVES:
         results = {name: _one_step(root, name, tp, pp, estimator)
                    for name, (tp, pp) in LAYOUTS.items()}
         reference = results["one-rank"]
@@ -64,6 +70,13 @@ def _body(rank, world, root):
         assert abs(exact[-1] - exact[0]) < 1e-6 and (estimator != "full"
                                                      or reference.loss == reference.reverse_kl)
         assert reference.loss != 0 and reference.grad_norm > 0  # K1 may be negative
+        if estimator == "tropd":  # the mask kept some tokens and rejected others
+            metrics = reference.objective_metrics
+            assert 0 < metrics["tropd_trust_frac"] < 1, metrics
+            assert metrics["loss_prefix"] != 0
+            for result in results.values():
+                for key, value in metrics.items():
+                    assert abs(result.objective_metrics[key] - value) <= 1e-5 * abs(value) + 1e-9
         with parallel_layout(1, 1) as groups:
             from megatron.core import dist_checkpointing
 

@@ -4,8 +4,9 @@ student-only rollout engine (teacher=None) and sampling temperature it relies on
 Run: .venv/bin/python -m pytest tests/distributed/test_eval.py -q
 
 One 2-process launch: (1) an engine without a teacher samples exactly what an engine with one
-does at eps = 0 and refuses eps > 0; (2) temperature 0 (greedy) and 0.7 draws equal a
-teacher-forced reference (trb.sample_tokens on recomputed logits); (3) evaluate_pass1 at DP=2
+does for the student-only behaviour and refuses behaviours that run the teacher (eps > 0, a
+teacher prefix); (2) temperature 0 (greedy) and 0.7 draws equal a teacher-forced reference
+(methods.sample_tokens on recomputed logits); (3) evaluate_pass1 at DP=2
 (uneven shares, several generate() calls) reproduces responses recorded from one generate() call
 over all problems, and its pass@1 equals the count over those recorded responses with the
 "exact" verifier; greedy answers give pass@1 = 1.0, perturbed ones 0.0; (4) TP=2 (DP=1) gives
@@ -30,8 +31,8 @@ from trb_megatron.eval import decode_responses, evaluate_pass1
 from trb_megatron.eval.command import main
 from trb_megatron.models.forward import full_logits
 from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
-from trb_megatron.rollout.request import step_seed
-from trb_megatron.trb import VocabLayout, sample_tokens
+from trb_megatron.methods import BehaviourStep, VocabLayout, sample_tokens
+from trb_megatron.methods.seeds import position_seed
 
 pytestmark = pytest.mark.megatron
 
@@ -42,21 +43,21 @@ SAMPLES, MAX_NEW, SEED = 3, 6, 77
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _generate(engine, prompts, **kwargs):
-    kwargs = dict(dict(samples_per_prompt=SAMPLES, max_new_tokens=MAX_NEW, seed=SEED, eps=0.0),
-                  **kwargs)
+def _generate(engine, prompts, *, temperature=1.0, **kwargs):
+    kwargs = dict(dict(samples_per_prompt=SAMPLES, max_new_tokens=MAX_NEW, seed=SEED,
+                       behaviour=BehaviourStep(temperature=temperature)), **kwargs)
     return engine.generate(prompts, **kwargs)
 
 
 def _check_temperature(engine, student, groups, prompts, temperature):
-    """Every drawn token and its log-prob equal trb.sample_tokens at `temperature` on the full
+    """Every drawn token and its log-prob equal methods.sample_tokens at `temperature` on the full
     recomputed logits of its prefix, with the engine's noise (step seed, row id)."""
     batch = _generate(engine, prompts, temperature=temperature)
     full = full_logits(student, batch.tokens, groups, VOCAB)
     rows, positions = batch.response_mask.nonzero(as_tuple=True)
     for p in positions.unique().tolist():
         r = rows[positions == p]
-        drawn = sample_tokens(full[r, p - 1], seed=step_seed(SEED, p), row_ids=r, vocab=LAYOUT,
+        drawn = sample_tokens(full[r, p - 1], seed=position_seed(SEED, p), row_ids=r, vocab=LAYOUT,
                               temperature=temperature)
         assert batch.tokens[r, p].tolist() == drawn.token_ids.tolist()
         torch.testing.assert_close(batch.behaviour_logprobs[r, p].double(), drawn.log_prob,
@@ -75,16 +76,15 @@ def _dp2_checks(root, prompts, tokenizer, groups):
     _, teacher = load_megatron(root / "megatron", groups)
     engine = MegatronRolloutEngine(student, None, groups, vocab=LAYOUT, pad_id=PAD)
 
-    # (1) teacher=None: the same draws as with a teacher at eps = 0; eps > 0 is refused.
+    # (1) teacher=None: the same draws as with a teacher for the student alone; behaviours that
+    # run the teacher are refused.
     recorded = _generate(engine, prompts.token_ids)
     with_teacher = MegatronRolloutEngine(student, teacher, groups, vocab=LAYOUT, pad_id=PAD)
     assert torch.equal(_generate(with_teacher, prompts.token_ids).tokens, recorded.tokens)
-    with pytest.raises(ValueError, match=r"eps=0.01 needs the teacher, but this engine was "
-                                         r"built with teacher=None"):
-        _generate(engine, prompts.token_ids, eps=0.01)
-    for bad in (-1.0, float("inf"), True):
-        with pytest.raises(ValueError, match="temperature must be a finite float >= 0"):
-            _generate(engine, prompts.token_ids, temperature=bad)
+    for behaviour in (BehaviourStep(eps=0.01), BehaviourStep(prefix_max=2)):
+        with pytest.raises(ValueError, match=r"needs the teacher, but this engine was "
+                                             r"built with teacher=None"):
+            _generate(engine, prompts.token_ids, behaviour=behaviour)
 
     # (2) temperature 0 (greedy: all samples of a prompt agree) and 0.7 against the reference.
     greedy = _check_temperature(engine, student, groups, prompts.token_ids, 0.0)

@@ -1,9 +1,11 @@
 """The main job end to end through both launcher forms exactly as users type them, on a
-miniature toy (tests/conftest.py's mini_config: 2 gloo processes, TP=2, 2 steps), plus DRY_RUN for 4
-nodes x 8 GPUs, config errors from the command line, and a SIGKILLed job resumed."""
+miniature toy (tests/conftest.py's mini_config: 2 gloo processes, TP=2, 2 steps; the bash form
+with the toy's trb, the torchrun form with method.name=tropd), plus DRY_RUN for 4 nodes x 8 GPUs,
+config errors from the command line, and a SIGKILLed job resumed."""
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,19 +48,38 @@ def test_bash_form(mini_config):
     assert "summary:" in done.stdout
 
 
+def check_tropd_run(run_dir: Path, output: str):
+    """Two steps of the tropd preset with its prefix schedule at 0 from step 1: teacher
+    prefixes at step 0 only, every metric finite, the engine's log-probs the trainer's."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1], output
+    for record in records:
+        numbers = [v for v in record.values() if isinstance(v, float)]
+        assert all(math.isfinite(v) for v in numbers), record
+        assert {"tropd_trust_frac", "tropd_outlier_frac", "tropd_reward_mean", "loss_trust",
+                "loss_outlier", "loss_prefix"} <= set(record)
+        assert record["rollout_logprob_diff_max"] <= 1e-3, record
+    assert records[0]["prefix_len_max"] == 48 and records[0]["teacher_prefix_frac"] > 0
+    assert records[1]["prefix_len_max"] == 0 and records[1]["teacher_prefix_frac"] == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["method"].startswith("tropd: teacher_prefix")
+
+
 # The bash form runs the launcher with .venv's python whatever the caller's is: only the
 # torchrun form (sys.executable) belongs to the megatron tier (scripts/test.sh).
 @pytest.mark.megatron
-def test_torchrun_form(mini_config):
+def test_torchrun_form_with_tropd(mini_config):
     root, config = mini_config
     run_dir = root / "torchrun-run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", _port(), str(LAUNCHER), f"train.run_dir={run_dir}",
-               "eval=null", "train.save_every=0"]
+               "eval=null", "train.save_every=0", "method.name=tropd",
+               "method.prefix_anneal_steps=1"]
     done = subprocess.run(command, env=_env(config, OMP_NUM_THREADS="1"), cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    _check_run(run_dir, done.stdout, evaluated=False)
+    check_tropd_run(run_dir, done.stdout)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
 
 
 def test_dry_run_for_four_nodes_of_eight_gpus():
@@ -90,9 +111,12 @@ def test_missing_path_stops_before_torchrun():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trb.eps=0.1", "unknown key(s) trb.eps; valid keys of trb: anneal_steps, eps0"),
+    ("method.eps=0.1", "unknown key(s) method.eps; valid keys of method: anneal_steps, behaviour"),
+    ("trb.method=opd", "trb.method moved to method.name"),
     ("train.steps=many", "train.steps must be int, got 'many'"),
-    ("loss.estimator=forward", "loss.estimator must be one of"),
+    ("method.estimator=forward", "method.estimator must be one of full, topk, sampled"),
+    ("method.name=sft", "method.name must be one of the presets trb, opd, fixed_eps, tropd"),
+    ("method.prefix_max=9000", "method.prefix_max must be in [0, rollout.max_new_tokens=7168]"),
     ("data=null", "the job needs a data section with its training prompts"),
 ])
 def test_config_errors_name_the_key(override, message):

@@ -32,8 +32,9 @@ from trb_megatron.models.forward import full_logits
 from trb_megatron.parallel import detect_profile, initialize_parallel
 from trb_megatron.rollout.cached_stage import CachedStage, inference_mode
 from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
-from trb_megatron.rollout.request import step_seed
-from trb_megatron.trb import VocabLayout, sample_tokens, solve_beta
+from trb_megatron.methods import (SOURCE_POLICY, SOURCE_TEACHER, BehaviourStep, VocabLayout,
+                                  sample_tokens, solve_beta)
+from trb_megatron.methods.seeds import position_seed
 
 pytestmark = pytest.mark.megatron
 
@@ -72,8 +73,8 @@ def _check_structure(batch, prompts, samples, max_new):
         assert batch.finish_reasons[b] == ("stop" if stopped else "length")
         assert stopped or r == max_new
     outside = ~batch.response_mask
-    for x in (batch.behaviour_logprobs, batch.beta, batch.kl_to_student, batch.reverse_kl):
-        assert x is None or (x[outside] == 0).all()
+    for x in (batch.behaviour_logprobs, *batch.stats.values()):
+        assert (x[outside] == 0).all()
     assert (batch.behaviour_logprobs[batch.response_mask] < 0).all()
     _same_on_every_rank(batch.tokens)
     _same_on_every_rank(batch.behaviour_logprobs)
@@ -83,22 +84,25 @@ def _reference(batch, full_s, full_t, *, teacher_only=False, vocab=LAYOUT, eps=E
     """Teacher-forced unsharded draws at every response position of `batch`, from the full
     recomputed logits of each prefix: [N, 5] (token, log mu, beta, kl_to_student, reverse_kl)
     at batch.response_mask (row-major). full_t None: the student alone; teacher_only: the
-    teacher alone (its own sampler call, no blend)."""
+    teacher alone (its own sampler call, no blend); teacher-prefix tokens (batch.source) are
+    the teacher's own draws too, with the trust region's statistics at an unbounded budget."""
     rows, positions = batch.response_mask.nonzero(as_tuple=True)
     out = torch.zeros(len(rows), 5, dtype=torch.float64)
     for p in positions.unique().tolist():
         sel = positions == p
         r = rows[sel]
         s = full_s[r, p - 1]
-        kwargs = dict(seed=step_seed(SEED, p), row_ids=r, vocab=vocab)
+        kwargs = dict(seed=position_seed(SEED, p), row_ids=r, vocab=vocab)
         if full_t is None:
             out[sel, :2] = _as_columns(sample_tokens(s, **kwargs))
             continue
         t = full_t[r, p - 1]
-        sol = solve_beta(s, t, eps, vocab=vocab)
-        drawn = sample_tokens(t, **kwargs) if teacher_only else sample_tokens(s, t, sol.beta,
-                                                                              **kwargs)
-        out[sel, :2] = _as_columns(drawn)
+        prefix = batch.source[r, p] == SOURCE_TEACHER
+        sol = solve_beta(s, t, torch.where(prefix, 1e12, eps), vocab=vocab)
+        alone = sample_tokens(t, **kwargs)
+        drawn = alone if teacher_only else sample_tokens(s, t, sol.beta, **kwargs)
+        drawn = torch.where(prefix.unsqueeze(1), _as_columns(alone), _as_columns(drawn))
+        out[sel, :2] = drawn
         out[sel, 2:] = torch.stack([sol.beta, sol.kl_to_student, sol.reverse_kl], 1)
     return out
 
@@ -111,10 +115,10 @@ def _check_against_reference(batch, reference):
     mask = batch.response_mask
     assert batch.tokens[mask].tolist() == reference[:, 0].long().tolist()
     torch.testing.assert_close(batch.behaviour_logprobs[mask].double(), reference[:, 1], **CLOSE)
-    torch.testing.assert_close(batch.beta[mask].double(), reference[:, 2], **CLOSE)
-    torch.testing.assert_close(batch.kl_to_student[mask].double(), reference[:, 3], **CLOSE)
-    if batch.reverse_kl is not None:
-        torch.testing.assert_close(batch.reverse_kl[mask].double(), reference[:, 4], **CLOSE)
+    torch.testing.assert_close(batch.stat("beta")[mask].double(), reference[:, 2], **CLOSE)
+    torch.testing.assert_close(batch.stat("kl_to_student")[mask].double(), reference[:, 3],
+                               **CLOSE)
+    torch.testing.assert_close(batch.stat("reverse_kl")[mask].double(), reference[:, 4], **CLOSE)
 
 
 @contextlib.contextmanager
@@ -142,9 +146,10 @@ def _check_kv_cache(calls, full, batch, groups, arch):
                                    rtol=1e-5)
 
 
-def _generate(engine, prompts=PROMPTS, **kwargs):
+def _generate(engine, prompts=PROMPTS, *, eps=0.0, prefix_max=0, **kwargs):
     kwargs = dict(dict(samples_per_prompt=SAMPLES, max_new_tokens=MAX_NEW, seed=SEED), **kwargs)
-    return engine.generate(prompts, **kwargs)
+    return engine.generate(prompts, behaviour=BehaviourStep(eps=eps, prefix_max=prefix_max),
+                           **kwargs)
 
 
 def _checks_at_layout(root, groups):
@@ -155,19 +160,19 @@ def _checks_at_layout(root, groups):
     # (2) eps = 0: student-only sampling; the teacher never runs; KV cache == recomputation.
     with _recorded(student) as student_steps, _recorded(teacher) as teacher_steps:
         opd = _generate(engine, eps=0.0)
-    assert teacher_steps == [] and opd.reverse_kl is None
+    assert teacher_steps == [] and opd.stats == {}
     assert student.training and not teacher.training, "training flags not restored"
     _check_structure(opd, PROMPTS, SAMPLES, MAX_NEW)
     full_s = full_logits(student, opd.tokens, groups, VOCAB)
     _check_kv_cache(student_steps, full_s, opd, groups, arch)
     _check_against_reference(opd, _reference(opd, full_s, None))
-    assert not opd.teacher_feasible.any() and (opd.beta == 0).all()
+    assert (opd.stat("beta") == 0).all() and (opd.source == SOURCE_POLICY).all()
 
     # (3) huge eps: the teacher is always feasible, beta = 1, tokens from the teacher alone.
     with _recorded(teacher) as teacher_steps:
         taught = _generate(engine, eps=1e9)
     mask = taught.response_mask
-    assert (taught.beta[mask] == 1).all() and taught.teacher_feasible[mask].all()
+    assert (taught.stat("beta")[mask] == 1).all()
     _check_structure(taught, PROMPTS, SAMPLES, MAX_NEW)
     full_s = full_logits(student, taught.tokens, groups, VOCAB)
     full_t = full_logits(teacher, taught.tokens, groups, VOCAB)
@@ -178,12 +183,11 @@ def _checks_at_layout(root, groups):
     # (4) an active budget: KL(mu || pi_S) <= eps, beta in [0, 1], draws equal the reference.
     blend = _generate(engine, eps=EPS)
     mask = blend.response_mask
-    beta, kl = blend.beta[mask], blend.kl_to_student[mask]
+    beta, kl = blend.stat("beta")[mask], blend.stat("kl_to_student")[mask]
     assert (beta >= 0).all() and (beta <= 1).all() and (kl <= EPS + 1e-6).all()
     assert ((beta > 0) & (beta < 1)).any(), "the budget was never active"
     assert (beta == 1).any(), "the teacher was never feasible"
-    assert torch.equal(blend.teacher_feasible[mask], beta == 1)
-    assert (blend.reverse_kl[mask] > 0).all()
+    assert (blend.stat("reverse_kl")[mask] > 0).all()
     _check_structure(blend, PROMPTS, SAMPLES, MAX_NEW)
     full_s = full_logits(student, blend.tokens, groups, VOCAB)
     full_t = full_logits(teacher, blend.tokens, groups, VOCAB)
@@ -198,13 +202,14 @@ def _checks_at_layout(root, groups):
         assert (blend.tokens[rows, width:] == PAD).all()
         torch.testing.assert_close(alone.behaviour_logprobs, blend.behaviour_logprobs[rows, :width],
                                    **CLOSE)
-        torch.testing.assert_close(alone.beta, blend.beta[rows, :width], **CLOSE)
+        torch.testing.assert_close(alone.stat("beta"), blend.stat("beta")[rows, :width], **CLOSE)
     small = MegatronRolloutEngine(student, teacher, groups, vocab=LAYOUT, pad_id=PAD,
                                   max_batch_size=2)
     batched = _generate(small, eps=EPS)
     assert torch.equal(batched.tokens, blend.tokens)
     assert batched.finish_reasons == blend.finish_reasons
-    torch.testing.assert_close(batched.kl_to_student, blend.kl_to_student, **CLOSE)
+    torch.testing.assert_close(batched.stat("kl_to_student"), blend.stat("kl_to_student"),
+                               **CLOSE)
 
     # (7) EOS: with 20 more stop ids merged into EOS, rows often stop; stopped rows are padded.
     stops = VocabLayout(size=VOCAB, stop_ids=(EOS, *range(60, 80)))
@@ -219,13 +224,28 @@ def _checks_at_layout(root, groups):
     full_t = full_logits(teacher, ended.tokens, groups, VOCAB)
     _check_against_reference(ended, _reference(ended, full_s, full_t, vocab=stops))
 
+    # (8) teacher prefixes: row b's tokens before its teacher_until are the teacher's own
+    # draws (source teacher, beta 1), the rest the student's (eps 0) or the blend's (eps > 0).
+    for eps in (0.0, EPS):
+        prefixed = _generate(engine, samples_per_prompt=4, eps=eps, prefix_max=MAX_NEW // 2)
+        _check_structure(prefixed, PROMPTS, 4, MAX_NEW)
+        source = prefixed.source[prefixed.response_mask]
+        assert (source == SOURCE_TEACHER).any() and (source == SOURCE_POLICY).any()
+        for b in range(prefixed.tokens.shape[0]):  # a prefix, then the policy: never back
+            row = prefixed.source[b][prefixed.response_mask[b]].tolist()
+            assert row == sorted(row, reverse=True) and row.count(SOURCE_TEACHER) <= MAX_NEW // 2
+        assert (prefixed.stat("beta")[prefixed.from_teacher] == 1).all()
+        full_s = full_logits(student, prefixed.tokens, groups, VOCAB)
+        full_t = full_logits(teacher, prefixed.tokens, groups, VOCAB)
+        _check_against_reference(prefixed, _reference(prefixed, full_s, full_t, eps=eps))
     if groups.tp.size() == 2:
         _check_bad_input(engine, student, teacher, groups)
-    return {"opd": opd, "teacher": taught, "blend": blend, "eos": ended}
+    return {"opd": opd, "teacher": taught, "blend": blend, "eos": ended, "prefixed": prefixed}
 
 
 def _check_bad_input(engine, student, teacher, groups):
-    ok = dict(prompts=[[2, 3]], samples_per_prompt=1, max_new_tokens=2, eps=0.0, seed=0)
+    ok = dict(prompts=[[2, 3]], samples_per_prompt=1, max_new_tokens=2,
+              behaviour=BehaviourStep(), seed=0)
     cases = (
         (dict(prompts=[]), "prompts is empty"),
         (dict(prompts=[[2, 3], []]), "prompt 1 is empty"),
@@ -236,8 +256,7 @@ def _check_bad_input(engine, student, teacher, groups):
         (dict(prompts=[[2] * 60], max_new_tokens=8), "needs 68 positions"),
         (dict(samples_per_prompt=0), "samples_per_prompt must be >= 1"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-        (dict(eps=-0.1), "eps must be a finite float >= 0"),
-        (dict(eps=float("nan")), "eps must be a finite float >= 0"),
+        (dict(behaviour=0.1), "behaviour must be a methods.BehaviourStep"),
         (dict(seed=1.5), "seed must be an int"),
         (dict(prompt_offset=-1), "prompt_offset must be >= 0"),
         (dict(seed=dist.get_rank()), "passed different generate\\(\\) requests"),
@@ -275,7 +294,8 @@ def _body(rank, world, root):
             assert torch.equal(batch.tokens, reference[name].tokens), (layout, name)
             torch.testing.assert_close(batch.behaviour_logprobs,
                                        reference[name].behaviour_logprobs, **CLOSE)
-            torch.testing.assert_close(batch.beta, reference[name].beta, **CLOSE)
+            torch.testing.assert_close(batch.stat("beta"), reference[name].stat("beta"), **CLOSE)
+            assert torch.equal(batch.source, reference[name].source), (layout, name)
 
 
 def _inference_path_body(rank, world):

@@ -1,6 +1,7 @@
 """The SGLang backend's collective parts on real gloo groups of 2 processes:
-- the graph-safe solver and blend (trb.static_blend) on a vocabulary sharded over TP=2 (stop
-  tokens on both shards, padding) equal trb.solve_beta / trb.blended_log_probs on the dense
+- the graph-safe behaviour (methods.token_behaviour with a fixed iteration count, on a
+  Shard.equal_split) on a vocabulary sharded over TP=2 (stop tokens on both shards, padding,
+  teacher-prefix rows) equals methods.solve_beta / methods.blended_log_probs on the dense
   logits;
 - the weight push source (rollout.weight_sync.hf_tensors) on real Megatron-Core models of a
   tiny Qwen3 (fewer KV heads than heads, untied, qk-norm) converted from Hugging Face gives
@@ -24,31 +25,29 @@ from trb_megatron.checkpoint.safetensors_io import HFWeights
 from trb_megatron.models.arch import ModelArch
 from trb_megatron.rollout.weight_sync import buckets, hf_tensors
 from trb_megatron.sglang_plugin.weights import route
-from trb_megatron.trb import VocabLayout, blended_log_probs, solve_beta
-from trb_megatron.trb.static_blend import (StaticVocab, blended_logits_static,
-                                           solve_beta_static)
+from trb_megatron.methods import (Shard, VocabLayout, blended_log_probs, solve_beta,
+                                  token_behaviour)
 
 WIDTH = 49  # two equal shards of a padded 98-column vocabulary
 LAYOUT = VocabLayout(size=93, stop_ids=(90, 2))  # stop tokens on both shards
 
 
 def _check_solver(rank, world):
-    group = dist.group.WORLD
-    vocab = StaticVocab.build(rank=rank, world=world, width=WIDTH, layout=LAYOUT)
+    shard = Shard.equal_split(group=dist.group.WORLD, rank=rank, world=world, width=WIDTH,
+                              layout=LAYOUT)
     cols = slice(rank * WIDTH, (rank + 1) * WIDTH)
     for name, (s, t) in logit_cases(v=world * WIDTH).items():
+        from_teacher = torch.arange(s.shape[0]) % 3 == 0
         for eps in (0.0, 1e-3, 1e-2, 0.1, 1e9):
-            ref = solve_beta(s, t, eps, vocab=LAYOUT)
-            got = solve_beta_static(s[:, cols], t[:, cols], torch.full((s.shape[0],), eps),
-                                    vocab=vocab, group=group, iterations=12,
-                                    dtype=torch.float64)
+            ref = solve_beta(s, t, torch.where(from_teacher, 1e12, eps), vocab=LAYOUT)
+            got = token_behaviour(s[:, cols], t[:, cols], torch.full((s.shape[0],), eps),
+                                  from_teacher, shard=shard, iterations=12)
             torch.testing.assert_close(got.beta, ref.beta, atol=1e-7, rtol=0, msg=name)
             torch.testing.assert_close(got.reverse_kl, ref.reverse_kl, atol=1e-9, rtol=1e-9)
-            assert (got.kl_to_student <= eps + 1e-6).all()
-        blended = blended_logits_static(s[:, cols], t[:, cols], ref.beta, vocab=vocab,
-                                        group=group)
-        full = [torch.empty_like(blended) for _ in range(world)]
-        dist.all_gather(full, blended)
+            assert (got.kl_to_student[~from_teacher] <= eps + 1e-6).all()
+            assert (got.beta[from_teacher] == 1).all()
+        full = [torch.empty_like(got.logits) for _ in range(world)]
+        dist.all_gather(full, got.logits)
         got = torch.log_softmax(torch.cat(full, dim=1).double(), dim=1)
         want = blended_log_probs(s, t, ref.beta, vocab=LAYOUT, dtype=torch.float64)
         finite = torch.isfinite(want)
@@ -82,6 +81,6 @@ def _body(rank, world, root):
             _check_weights(root, groups)
 
 
-def test_static_blend_and_weight_push_on_two_ranks(tmp_path):
+def test_graph_safe_behaviour_and_weight_push_on_two_ranks(tmp_path):
     make_hf_model(tmp_path / "hf", "qwen3", layers=2)
     run_distributed(_body, 2, str(tmp_path))

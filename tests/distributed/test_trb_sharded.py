@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from tests.cases import logit_cases
 from tests.distributed.launcher import run_distributed
-from trb_megatron.trb import (VocabLayout, blended_log_probs, per_token_reverse_kl,
+from trb_megatron.methods import (VocabLayout, blended_log_probs, per_token_reverse_kl,
                               sample_tokens, solve_beta)
 
 V = 97

@@ -9,7 +9,7 @@ import torch
 
 from tests.gpu.marks import GPU, NEEDS_CUDA
 from trb_megatron.parallel import detect_profile
-from trb_megatron.trb import VocabLayout, per_token_reverse_kl, solve_beta
+from trb_megatron.methods import VocabLayout, per_token_reverse_kl, solve_beta
 
 pytestmark = [GPU, NEEDS_CUDA]
 

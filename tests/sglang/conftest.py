@@ -13,7 +13,7 @@ from trb_megatron.config import SGLangConfig
 from trb_megatron.rollout.request import RolloutRequest
 from trb_megatron.rollout.sglang_engine import check_plugin, engine_kwargs
 from trb_megatron.rollout.sglang_requests import assemble_batch, prompt_ids, sampling_params
-from trb_megatron.trb import VocabLayout
+from trb_megatron.methods import BehaviourStep, VocabLayout
 
 LAYOUT = VocabLayout(size=120, stop_ids=(1,))
 PROMPTS = ([2, 17, 33, 5], [2, 9, 44])
@@ -56,9 +56,10 @@ def raw_outputs(engine, request: RolloutRequest):
                            custom_logit_processor=[passthrough()] * request.rows)
 
 
-def rollout_request(eps, *, samples=4, seed=5, max_new=12) -> RolloutRequest:
+def rollout_request(eps, *, samples=4, seed=5, max_new=12, prefix_max=0) -> RolloutRequest:
     return RolloutRequest.build(PROMPTS, samples_per_prompt=samples, max_new_tokens=max_new,
-                                eps=eps, seed=seed, prompt_offset=0, vocab_size=LAYOUT.size,
+                                behaviour=BehaviourStep(eps=eps, prefix_max=prefix_max),
+                                seed=seed, prompt_offset=0, vocab_size=LAYOUT.size,
                                 max_positions=64)
 
 

@@ -1,7 +1,8 @@
 """The TRB composite model inside a real SGLang engine (CPU here, through the CPU backend): it
 generates with per-token beta and KLs for every response token; the realised KL(mu || pi_S)
 stays within eps; eps = 1e9 samples the teacher (beta 1) and eps = 0 the student (beta 0) with
-the tokens and log-probs of a plain student engine; the megatron and sglang backends agree in
+the tokens and log-probs of a plain student engine; teacher prefixes (TrOPD) are decided inside
+the engine, per row; the megatron and sglang backends agree in
 distribution; a TP=2 engine gives the TP=1 statistics; SGLang's failures that it only reports
 by a return value or a log line raise in the product.
 
@@ -22,6 +23,7 @@ from tests.sglang.conftest import (LAYOUT, PROMPTS, passthrough, raw_outputs, ro
 from trb_megatron.rollout.sglang_engine import PROBE_EPS, checked, verify_trb_model
 from trb_megatron.rollout.sglang_requests import STAT_KEYS
 from trb_megatron.sglang_plugin.engine_shutdown import shutdown_engine
+from trb_megatron.sglang_plugin.wire import meta_key
 
 KL_TOL = 1e-5  # float32 fixed-iteration solve (rollout.sglang.solver_iterations = 10)
 
@@ -38,15 +40,38 @@ def test_composite_engine_samples_within_the_budget(composite):
         batch = sample(composite, eps)
         mask = batch.response_mask
         assert (batch.response_lengths >= 1).all()
-        for name in ("beta", "kl_to_student", "reverse_kl", "behaviour_logprobs"):
-            assert torch.isfinite(getattr(batch, name)[mask]).all(), name
-        assert ((batch.beta[mask] >= 0) & (batch.beta[mask] <= 1)).all()
-        assert (batch.kl_to_student[mask] <= eps + KL_TOL).all(), eps
-        assert (batch.reverse_kl[mask] > 0).all()  # two different random models
+        for x in (*batch.stats.values(), batch.behaviour_logprobs):
+            assert torch.isfinite(x[mask]).all()
+        beta = batch.stat("beta")[mask]
+        assert ((beta >= 0) & (beta <= 1)).all()
+        assert (batch.stat("kl_to_student")[mask] <= eps + KL_TOL).all(), eps
+        assert (batch.stat("reverse_kl")[mask] > 0).all()  # two different random models
         assert (batch.behaviour_logprobs[mask] <= 0).all()
+        assert not batch.from_teacher.any()
     teacher = sample(composite, 1e9)
-    assert (teacher.beta[teacher.response_mask] == 1).all()
-    assert teacher.teacher_feasible[teacher.response_mask].all()
+    assert (teacher.stat("beta")[teacher.response_mask] == 1).all()
+
+
+def test_teacher_prefixes_are_decided_inside_the_engine(composite):
+    """A row's tokens before its teacher_until are the teacher's: the very tokens and log-probs
+    an all-teacher request (beta 1 everywhere) draws with the same seeds, source teacher and
+    beta 1; the rest the student's (eps 0: beta 0)."""
+    kwargs = dict(samples=8, max_new=12)
+    request = rollout_request(0.0, prefix_max=12, **kwargs)
+    prefixed = sample(composite, 0.0, prefix_max=12, **kwargs)
+    teacher = sample(composite, 1e9, **kwargs)
+    lengths = (request.teacher_until_B - request.prompt_lengths_B).tolist()
+    assert 0 < sum(lengths) < 12 * len(lengths)
+    for b, l_b in enumerate(lengths):
+        p, r = int(prefixed.prompt_lengths[b]), int(prefixed.response_lengths[b])
+        n = min(l_b, r)
+        assert prefixed.from_teacher[b, p:p + n].all() and not prefixed.from_teacher[b, p + n:].any()
+        assert (prefixed.stat("beta")[b, p:p + n] == 1).all()
+        assert (prefixed.stat("beta")[b, p + n:p + r] == 0).all()
+        span = slice(p, p + min(n, int(teacher.response_lengths[b])))
+        assert torch.equal(prefixed.tokens[b, span], teacher.tokens[b, span]), b
+        torch.testing.assert_close(prefixed.behaviour_logprobs[b, span],
+                                   teacher.behaviour_logprobs[b, span], atol=1e-5, rtol=0)
 
 
 def test_every_response_token_carries_its_statistics(composite):
@@ -61,7 +86,7 @@ def test_eps_0_is_the_plain_student_engine(composite, models):
     blended_at_0 = sample(composite, 0.0)
     request = rollout_request(0.0)
     composite_raw = raw_outputs(composite, request)
-    assert all(set(o["meta_info"]["trb_beta"]) == {0.0} for o in composite_raw)
+    assert all(set(o["meta_info"][meta_key("beta")]) == {0.0} for o in composite_raw)
     plain = start_engine(models, teacher=False, plain=True)
     try:
         alone = sample(plain, 0.0)
@@ -107,6 +132,7 @@ def test_a_refused_weight_update_raises_naming_the_call(composite):
 
 def _megatron_rollouts(rank, world, root, eps, samples, out):
     from trb_megatron.checkpoint.convert import hf_to_megatron, load_megatron, parallel_layout
+    from trb_megatron.methods import BehaviourStep
     from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
 
     for name in ("student", "teacher"):
@@ -117,9 +143,10 @@ def _megatron_rollouts(rank, world, root, eps, samples, out):
         _, teacher = load_megatron(f"{root}/teacher-megatron", groups)
         engine = MegatronRolloutEngine(student, teacher, groups, vocab=LAYOUT, pad_id=0)
         batch = engine.generate(PROMPTS, samples_per_prompt=samples, max_new_tokens=12,
-                                eps=eps, seed=9)
-        torch.save({k: getattr(batch, k).cpu() for k in ("beta", "kl_to_student",
-                                                        "response_mask")}, out)
+                                behaviour=BehaviourStep(eps=eps), seed=9)
+        torch.save({"beta": batch.stat("beta").cpu(),
+                    "kl_to_student": batch.stat("kl_to_student").cpu(),
+                    "response_mask": batch.response_mask.cpu()}, out)
 
 
 def _mean_and_se(values: torch.Tensor):
@@ -134,7 +161,7 @@ def test_megatron_and_sglang_backends_agree_in_distribution(composite, models, t
     sglang_batch = sample(composite, eps, samples=samples, seed=9)
     for field in ("beta", "kl_to_student"):
         a = getattr(megatron, field)[megatron.response_mask]
-        b = getattr(sglang_batch, field)[sglang_batch.response_mask]
+        b = sglang_batch.stat(field)[sglang_batch.response_mask]
         (mean_a, se_a), (mean_b, se_b) = _mean_and_se(a), _mean_and_se(b)
         assert abs(mean_a - mean_b) <= 4 * math.hypot(se_a, se_b) + 1e-6, (field, mean_a,
                                                                           mean_b)
@@ -150,8 +177,9 @@ def test_tensor_parallel_engine_matches_tp1(composite, models):
     finally:
         shutdown_engine(engine)
     assert torch.equal(one.tokens, two.tokens)
-    for name in ("beta", "kl_to_student", "behaviour_logprobs"):
-        torch.testing.assert_close(getattr(two, name), getattr(one, name), atol=1e-4, rtol=0)
+    for name in ("beta", "kl_to_student"):
+        torch.testing.assert_close(two.stat(name), one.stat(name), atol=1e-4, rtol=0)
+    torch.testing.assert_close(two.behaviour_logprobs, one.behaviour_logprobs, atol=1e-4, rtol=0)
 
 
 def _without_plugin(prelude: str) -> str:

@@ -1,7 +1,9 @@
 """The trainer with rollout.backend=sglang end to end (2 gloo processes, trainer TP=2, one colocated
 SGLang engine driven by TP rank 0): after every weight sync the engine samples from the trainer's
 current student (rollout_logprob_diff_max within TOL at every step, the teacher-off restart
-included), and a deliberately skipped sync shows up at once in the same metric.
+included), and a deliberately skipped sync shows up at once in the same metric. In the same
+launch the trb and opd presets give the numbers recorded before the methods seam
+(tests/pinned.py; three more engine starts).
 
 TOL: the engine and the trainer compute log mu in float32 with different kernels (SGLang's
 torch_native layers vs Megatron's, different summation orders); on these models the difference
@@ -18,22 +20,22 @@ import pytest
 
 from tests.distributed.launcher import run_distributed
 from tests.hf_models import make_hf_model
-from trb_megatron.config import (Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                 RolloutConfig, SGLangConfig, TRBConfig, TrainConfig)
+from tests.pinned import PROMPTS, check_pinned, pinned_config
+from trb_megatron.config import (Config, MethodConfig, ModelConfig, OptimConfig, ParallelConfig,
+                                 RolloutConfig, SGLangConfig, TrainConfig)
 
 TOL = 2e-5
-PROMPTS = [[2, 3 + i, 10 + i, 20 + 2 * i] for i in range(12)]
 
 
 def _config(root: Path) -> Config:
     return Config(
         model=ModelConfig(student=str(root / "student"), teacher=str(root / "teacher")),
         parallel=ParallelConfig(tensor_parallel=2),
-        trb=TRBConfig(method="trb", eps0=0.5, anneal_steps=2),  # eps 0.5, 0.25, then 0
+        # eps 0.5, 0.25, then 0
+        method=MethodConfig(name="trb", eps0=0.5, anneal_steps=2, estimator="full"),
         rollout=RolloutConfig(samples_per_prompt=2, max_new_tokens=6, backend="sglang",
                               sglang=SGLangConfig(tp_size=1, max_running_requests=16,
                                                   max_total_tokens=4096)),
-        loss=LossConfig(estimator="full"),
         optim=OptimConfig(lr=1e-3, warmup_steps=0),
         train=TrainConfig(steps=4, prompts_per_step=4, micro_batch_size=4, seed=7,
                           run_dir=str(root / "run"), save_every=2, progress=False))
@@ -61,6 +63,16 @@ def _body(rank, world, root):
     finally:
         trainer.close()
         parallel_state.destroy_model_parallel()
+    pinned = root / "pinned"
+    for name in ("student", "teacher"):
+        hf_to_megatron(pinned / f"hf-{name}", pinned / name, progress=False)
+    for preset in ("trb", "opd"):
+        trainer = Trainer(pinned_config(pinned, preset, "sglang"), PROMPTS)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+            parallel_state.destroy_model_parallel()
     if rank == 0:
         (root / "result.json").write_text(json.dumps(
             {"status": status, "stale": stale, "fresh": fresh, "starts": starts}))
@@ -71,14 +83,16 @@ def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("weight_sync")
     make_hf_model(root / "hf-student", "qwen3", seed=0)
     make_hf_model(root / "hf-teacher", "qwen3", seed=1)
+    make_hf_model(root / "pinned" / "hf-student", "qwen3", seed=1)
+    make_hf_model(root / "pinned" / "hf-teacher", "qwen3", seed=2)
     run_distributed(_body, 2, str(root))
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text()
                .splitlines()]
-    return records, json.loads((root / "result.json").read_text())
+    return records, json.loads((root / "result.json").read_text()), root
 
 
 def test_every_step_samples_the_trainers_weights(result):
-    records, summary = result
+    records, summary, _ = result
     assert summary["status"] == "done" and [r["eps"] for r in records] == [0.5, 0.25, 0.0, 0.0]
     for record in records:
         assert 0 <= record["rollout_logprob_diff_mean"] <= record["rollout_logprob_diff_max"]
@@ -89,6 +103,13 @@ def test_every_step_samples_the_trainers_weights(result):
 
 
 def test_a_skipped_sync_is_seen_and_a_sync_clears_it(result):
-    _, summary = result
+    _, summary, _ = result
     assert summary["stale"]["rollout_logprob_diff_max"] > 100 * TOL
     assert summary["fresh"]["rollout_logprob_diff_max"] < TOL
+
+
+def test_trb_and_opd_give_the_numbers_recorded_before_the_methods_seam(result):
+    root = result[2]
+    check_pinned({preset: [json.loads(line) for line in (
+        root / "pinned" / f"pinned-sglang-{preset}" / "metrics.jsonl").read_text().splitlines()]
+                  for preset in ("trb", "opd")}, "sglang")

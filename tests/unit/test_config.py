@@ -14,15 +14,19 @@ MINIMAL = {"model": {"student": "s", "teacher": "t"}, "train": {"steps": 3}}
 
 def test_defaults_are_the_paper_settings():
     cfg = from_dict(Config, MINIMAL).validate()
-    assert (cfg.trb.eps0, cfg.trb.anneal_steps, cfg.optim.lr, cfg.rollout.samples_per_prompt,
-            cfg.loss.topk, cfg.optim.warmup_steps, cfg.optim.weight_decay,
-            cfg.optim.grad_clip) == (0.02, 50, 1e-5, 4, 16, 15, 0.01, 1.0)
+    assert (cfg.method.name, cfg.method.eps0, cfg.method.anneal_steps, cfg.optim.lr,
+            cfg.rollout.samples_per_prompt, cfg.method.topk, cfg.optim.warmup_steps,
+            cfg.optim.weight_decay, cfg.optim.grad_clip) == ("trb", 0.02, 50, 1e-5, 4, 16, 15,
+                                                             0.01, 1.0)
+    tropd = from_dict(Config, {**MINIMAL, "method": {"name": "tropd"}}).validate()
+    assert (tropd.method.outlier, tropd.method.outlier_topk, tropd.method.prefix_weight) == (
+        "fkl", 64, 0.001)
 
 
 @pytest.mark.parametrize("data, message", [
-    ({**MINIMAL, "trainer": {}}, "unknown key.*trainer.*valid keys of the config: data, eval, fp8, logging, loss"),
-    ({**MINIMAL, "trb": {"eps": 0.1}}, r"unknown key\(s\) trb.eps; valid keys of trb: "
-                                       "anneal_steps, eps0, method, solver_tol"),
+    ({**MINIMAL, "trainer": {}}, "unknown key.*trainer.*valid keys of the config: data, eval, fp8, logging, method"),
+    ({**MINIMAL, "method": {"eps": 0.1}}, r"unknown key\(s\) method.eps; valid keys of method: "
+                                          "anneal_steps, behaviour, eps0"),
     ({**MINIMAL, "train": {"steps": "ten"}}, "train.steps must be int, got 'ten'"),
     ({"model": {"student": "s"}, "train": {"steps": 1}}, "missing required key.*model.teacher"),
 ])
@@ -31,10 +35,65 @@ def test_bad_keys_and_types_are_named(data, message):
         from_dict(Config, data)
 
 
-def test_validate_names_field_and_rule():
-    cfg = from_dict(Config, {**MINIMAL, "trb": {"method": "sft", "eps0": -1.0}})
-    with pytest.raises(ValueError, match="trb.method must be one of .*trb.eps0 must be finite"):
-        cfg.validate()
+@pytest.mark.parametrize("data, message", [
+    ({"trb": {"method": "opd"}}, "trb.method moved to method.name"),
+    ({"trb": {"eps0": 0.1, "anneal_steps": 5}},
+     "trb.anneal_steps moved to method.anneal_steps; trb.eps0 moved to method.eps0"),
+    ({"loss": {"estimator": "full", "topk": 4}},
+     "loss.estimator moved to method.estimator; loss.topk moved to method.topk"),
+    ({"trb": {}}, "the trb section moved to method"),
+])
+def test_moved_keys_name_their_replacement(data, message):
+    with pytest.raises(ValueError, match=message + r".*method.name picks a preset: trb, opd"):
+        from_dict(Config, {**MINIMAL, **data})
+
+
+def _method(**method):
+    return from_dict(Config, {**MINIMAL, "method": method})
+
+
+@pytest.mark.parametrize("method, message", [
+    (dict(name="sft"), "method.name must be one of the presets trb, opd, fixed_eps, tropd, "
+                       "trb_tropd"),
+    (dict(eps0=-1.0), "method.eps0 must be finite, >= 0"),
+    (dict(name="tropd", outlier="drop"), "method.outlier must be one of fkl, clip, mask"),
+    (dict(name="tropd", outlier_topk=0), "method.outlier_topk must be >= 1"),
+    (dict(topk=0), "method.topk must be >= 1"),
+    (dict(name="tropd", outlier_tau=float("inf")), "method.outlier_tau must be finite, > 0"),
+    (dict(name="tropd", outlier_tau=float("nan")), "method.outlier_tau must be finite"),
+    (dict(name="tropd", prefix_weight=-0.1), "method.prefix_weight must be finite, >= 0"),
+    (dict(name="tropd", prefix_max=300), r"method.prefix_max must be in \[0, "
+                                         r"rollout.max_new_tokens=256\]"),
+    (dict(name="tropd", prefix_anneal_steps=-1), "method.prefix_anneal_steps must be >= 0"),
+    (dict(behaviour="sampler"), "method.behaviour must be one of student, trb_blend, "
+                                "teacher_prefix"),
+    (dict(objective="jsd"), "method.objective must be one of reverse_kl, tropd"),
+    (dict(name="opd", eps_schedule="constant"),
+     "method.eps_schedule must be unset: it schedules behaviour trb_blend's eps, and the "
+     "behaviour is student"),
+    (dict(name="tropd", objective="reverse_kl", estimator="sampled"),
+     "behaviour teacher_prefix with objective reverse_kl and estimator sampled"),
+])
+def test_bad_method_settings_are_named_at_validation(method, message):
+    with pytest.raises(ValueError, match=message):
+        _method(**method).validate()
+
+
+def test_presets_resolve_to_their_parts_and_take_overrides():
+    parts = {name: _method(name=name).validate().resolved_method() for name in
+             ("trb", "opd", "fixed_eps", "tropd", "trb_tropd")}
+    assert {n: (m.behaviour, m.objective) for n, m in parts.items()} == {
+        "trb": ("trb_blend", "reverse_kl"), "opd": ("student", "reverse_kl"),
+        "fixed_eps": ("trb_blend", "reverse_kl"), "tropd": ("teacher_prefix", "tropd"),
+        "trb_tropd": ("trb_blend", "tropd")}
+    assert parts["fixed_eps"].eps_schedule == "constant" and parts["trb"].eps_schedule == "linear"
+    # the prefix schedule defaults to the run: the longest response, over the whole run
+    assert (parts["tropd"].prefix_max, parts["tropd"].prefix_anneal_steps) == (256, 3)
+    student_tropd = _method(name="tropd", behaviour="student").validate()
+    assert student_tropd.build_method().behaviour.name == "student"
+    assert "clip" in _method(name="tropd", outlier="clip").validate().build_method().describe()
+    method = _method(name="trb", eps0=0.1, anneal_steps=4).validate().build_method()
+    assert [method.behaviour.at(k).eps for k in (0, 2, 4)] == [0.1, 0.05, 0.0]
 
 
 def test_configuration_reference_is_current():

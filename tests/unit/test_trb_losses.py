@@ -5,7 +5,7 @@ import torch
 
 from tests import reference as ref
 from tests.cases import logit_cases
-from trb_megatron.trb import VocabLayout, per_token_reverse_kl, reverse_kl_loss
+from trb_megatron.methods import VocabLayout, per_token_reverse_kl, reverse_kl_loss
 
 
 def _grad(fn, s):

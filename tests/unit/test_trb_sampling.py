@@ -5,7 +5,7 @@ import torch
 
 from tests import reference as ref
 from tests.cases import logit_cases
-from trb_megatron.trb import VocabLayout, blended_log_probs, canonicalize_eos, sample_tokens
+from trb_megatron.methods import VocabLayout, blended_log_probs, canonicalize_eos, sample_tokens
 
 # 99.9% quantile of chi-square with 7 degrees of freedom: a fixed-seed test that fails only if
 # the sampler's distribution is wrong.

@@ -5,7 +5,7 @@ import torch
 
 from tests import reference as ref
 from tests.cases import logit_cases
-from trb_megatron.trb import VocabLayout, solve_beta
+from trb_megatron.methods import VocabLayout, solve_beta
 
 EPS = [0.001, 0.01, 0.05, 0.3]
 TOL = 1e-6

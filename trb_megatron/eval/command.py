@@ -149,7 +149,7 @@ def _worker(rank, world, args, data, prompts):
     from trb_megatron.eval.pass1 import evaluate_pass1
     from trb_megatron.models.pairing import stop_ids
     from trb_megatron.rollout.megatron_engine import MegatronRolloutEngine
-    from trb_megatron.trb import VocabLayout
+    from trb_megatron.methods import VocabLayout
 
     kind, path = resolve_checkpoint(args.checkpoint)
     with _megatron_checkpoint(kind, path, args.tmp_dir) as checkpoint, \

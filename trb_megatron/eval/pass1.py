@@ -1,5 +1,6 @@
-"""pass@1 of the student: k samples per problem from the rollout engine at eps = 0, each verified
-against the reference answer; pass@1 = mean over problems of the fraction of correct samples.
+"""pass@1 of the student: k samples per problem from the rollout engine (the student alone), each
+verified against the reference answer; pass@1 = mean over problems of the fraction of correct
+samples.
 
     from trb_megatron.eval import evaluate_pass1
     engine = MegatronRolloutEngine(student, None, groups, vocab=vocab, pad_id=vocab.stop_ids[0])
@@ -23,6 +24,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from trb_megatron.data.prompts import PromptSet
+from trb_megatron.methods import BehaviourStep
 from trb_megatron.eval.verify import get_verifier
 
 
@@ -81,7 +83,8 @@ def evaluate_pass1(engine, prompt_set: PromptSet, tokenizer, *, samples: int,
                    problems_per_call: int = 32) -> EvalResult:
     """pass@1 over `samples` samples per problem of prompt_set (which needs answers).
 
-    engine: a rollout engine (MegatronRolloutEngine, teacher optional), sampled at eps = 0;
+    engine: a rollout engine (MegatronRolloutEngine, teacher optional), sampled from the student
+    alone (methods.BehaviourStep(temperature=temperature));
     tokenizer: the student's (decodes responses); verifier: a name of eval.verify.VERIFIERS
     ("math", "exact", "toy") or a function (response_text, answer) -> bool; temperature: 1
     samples the student's distribution, 0 is greedy; dp_group: the data-parallel process group
@@ -106,8 +109,9 @@ def evaluate_pass1(engine, prompt_set: PromptSet, tokenizer, *, samples: int,
     for start in range(mine.start, mine.stop, problems_per_call):
         stop = min(start + problems_per_call, mine.stop)
         batch = engine.generate(prompt_set.token_ids[start:stop], samples_per_prompt=samples,
-                                max_new_tokens=max_new_tokens, eps=0.0, seed=seed,
-                                prompt_offset=start, temperature=temperature)
+                                max_new_tokens=max_new_tokens,
+                                behaviour=BehaviourStep(temperature=temperature), seed=seed,
+                                prompt_offset=start)
         texts = decode_responses(batch, tokenizer)
         lengths = batch.response_lengths.tolist()
         for i in range(stop - start):

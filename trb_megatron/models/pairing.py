@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from trb_megatron.models.arch import ModelArch
-from trb_megatron.trb import VocabLayout
+from trb_megatron.methods import VocabLayout
 
 
 def _tokenizer_vocab(hf_dir: Path) -> dict:

@@ -2,7 +2,6 @@
 backend (the trainer's own student and teacher decoding in lockstep with KV caches)."""
 
 from .megatron_engine import MegatronRolloutEngine
-from .request import step_seed
 from .types import RolloutBatch, RolloutEngine
 
-__all__ = ["MegatronRolloutEngine", "RolloutBatch", "RolloutEngine", "step_seed"]
+__all__ = ["MegatronRolloutEngine", "RolloutBatch", "RolloutEngine"]

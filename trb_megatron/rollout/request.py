@@ -4,60 +4,53 @@ Legend: B rows (prompts x samples per prompt), P_b the prompt length of row b.
 
 Sampling noise is a pure function of (seed, row id, position): row b of prompt i (its s-th
 sample) has the id (prompt_offset + i) * samples_per_prompt + s, and the token at absolute
-position p of every row is drawn with `step_seed(seed, p)`. Because every row starts at position
-0 (prompts are not padded), a row's tokens do not depend on the other rows of the batch, on how
-rows are split into decode batches, or on the tensor-parallel size. Data-parallel ranks pass the
-same `seed` and their first prompt's global index as `prompt_offset`, so no two rows of a step
-share noise.
+position p of every row is drawn with `seeds.position_seed(seed, p)`. Because every row starts
+at position 0 (prompts are not padded), a row's tokens do not depend on the other rows of the
+batch, on how rows are split into decode batches, or on the tensor-parallel size. Data-parallel
+ranks pass the same `seed` and their first prompt's global index as `prompt_offset`, so no two
+rows of a step share noise. A row's teacher prefix (behaviour.prefix_lengths) is keyed the same
+way: row b draws its tokens at positions [P_b, teacher_until_b) from the teacher.
 """
 
 import dataclasses
 import hashlib
-import math
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-
-def step_seed(seed: int, position: int) -> int:
-    """The `trb.sample_tokens` seed for the tokens at absolute sequence position `position`."""
-    digest = hashlib.blake2b(f"{seed}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+from trb_megatron.methods import BehaviourStep
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutRequest:
     """prompts: one [P_i] int64 tensor per prompt; prompt_index_B, row_ids_B, prompt_lengths_B:
-    [B] int64 (rows ordered prompt-major: all samples of prompt 0, then prompt 1, ...)."""
+    [B] int64 (rows ordered prompt-major: all samples of prompt 0, then prompt 1, ...);
+    teacher_until_B: [B] int64, the first absolute position of each row not drawn from the
+    teacher (P_b + its teacher-prefix length)."""
 
     prompts: tuple[torch.Tensor, ...]
     samples_per_prompt: int
     max_new_tokens: int
-    eps: float
+    behaviour: BehaviourStep
     seed: int
     prompt_offset: int
-    temperature: float
     prompt_index_B: torch.Tensor
     row_ids_B: torch.Tensor
     prompt_lengths_B: torch.Tensor
+    teacher_until_B: torch.Tensor
 
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
-              max_new_tokens: int, eps: float, seed: int, prompt_offset: int, vocab_size: int,
-              max_positions: int, temperature: float = 1.0) -> "RolloutRequest":
+              max_new_tokens: int, behaviour: BehaviourStep, seed: int, prompt_offset: int,
+              vocab_size: int, max_positions: int) -> "RolloutRequest":
         """Validate a generate() call (ValueError naming the problem) and lay out its rows."""
         _check_int("samples_per_prompt", samples_per_prompt, minimum=1)
         _check_int("max_new_tokens", max_new_tokens, minimum=1)
         _check_int("seed", seed)
         _check_int("prompt_offset", prompt_offset, minimum=0)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-                math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite float >= 0 (a KL budget in nats), got {eps!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite float >= 0 (1: sample the blend "
-                             f"itself, 0: greedy), got {temperature!r}")
+        if not isinstance(behaviour, BehaviourStep):
+            raise ValueError(f"behaviour must be a methods.BehaviourStep, got {behaviour!r}")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt (a sequence of token ids)")
         tensors = tuple(_prompt_tensor(i, p, vocab_size) for i, p in enumerate(prompts))
@@ -71,13 +64,13 @@ class RolloutRequest:
         lengths = torch.tensor([len(p) for p in tensors], dtype=torch.int64)
         prompt_index = torch.arange(len(tensors)).repeat_interleave(samples_per_prompt)
         samples = torch.arange(samples_per_prompt).repeat(len(tensors))
+        row_ids = (prompt_offset + prompt_index) * samples_per_prompt + samples
         return cls(
             prompts=tensors, samples_per_prompt=samples_per_prompt,
-            max_new_tokens=max_new_tokens, eps=float(eps), seed=seed,
-            prompt_offset=prompt_offset, temperature=float(temperature),
-            prompt_index_B=prompt_index,
-            row_ids_B=(prompt_offset + prompt_index) * samples_per_prompt + samples,
-            prompt_lengths_B=lengths[prompt_index])
+            max_new_tokens=max_new_tokens, behaviour=behaviour, seed=seed,
+            prompt_offset=prompt_offset, prompt_index_B=prompt_index, row_ids_B=row_ids,
+            prompt_lengths_B=lengths[prompt_index],
+            teacher_until_B=lengths[prompt_index] + behaviour.prefix_lengths(seed, row_ids))
 
     @property
     def rows(self) -> int:
@@ -111,8 +104,7 @@ class RolloutRequest:
         if group is None or group.size() == 1:
             return
         described = repr(([p.tolist() for p in self.prompts], self.samples_per_prompt,
-                          self.max_new_tokens, self.eps, self.seed, self.prompt_offset,
-                          self.temperature))
+                          self.max_new_tokens, self.behaviour, self.seed, self.prompt_offset))
         digest = int.from_bytes(hashlib.blake2b(described.encode(), digest_size=7).digest(),
                                 "little")
         mine = torch.tensor([digest], dtype=torch.int64, device=device)
@@ -122,7 +114,7 @@ class RolloutRequest:
             raise ValueError(
                 "the ranks of one model replica (tensor- and pipeline-parallel peers) passed "
                 "different generate() requests; pass the same prompts, samples_per_prompt, "
-                "max_new_tokens, eps, seed, prompt_offset and temperature on all of them (shard "
+                "max_new_tokens, behaviour, seed and prompt_offset on all of them (shard "
                 "prompts by data-parallel rank, not by global rank)")
 
 

@@ -25,8 +25,9 @@ message, and after every engine start a probe request must come back with the co
 per-token statistics (SGLang only logs a plugin that fails to load and then serves the stock
 model).
 
-Teacher off: when eps reaches 0 (every eps schedule is non-increasing, so it stays 0), the
-colocated engine is restarted without the teacher (the same model class, student only: the same
+Teacher off: when the behaviour no longer runs the teacher (every schedule is non-increasing,
+so that is for good: the trainer calls release_teacher), the colocated engine is restarted
+without the teacher (the same model class, student only: the same
 EOS merge and padding mask as the trainer's mu) and the current weights are pushed at once. That
 frees the teacher's weights and its half of the KV pool, with no dependence on SGLang's
 graph-recapture internals; it costs one engine start per run. Disaggregated servers are not
@@ -52,9 +53,10 @@ from trb_megatron.rollout.weight_sync import buckets, hf_tensors
 from trb_megatron.sglang_plugin import cpu_backend
 from trb_megatron.sglang_plugin.composite_config import (ARCHITECTURE, TRBSettings,
                                                          composite_overrides)
+from trb_megatron.methods import BehaviourStep
 from trb_megatron.sglang_plugin.engine_shutdown import shutdown_engine
-from trb_megatron.sglang_plugin.eps import EPS_KEY
 from trb_megatron.sglang_plugin.version import require_sglang
+from trb_megatron.sglang_plugin.wire import EPS_KEY, meta_key
 
 GROUP_NAME = "trb_weight_update"
 PLUGIN = "trb_megatron"
@@ -158,11 +160,11 @@ def verify_trb_model(outputs, *, teacher: bool) -> None:
             "or 'Failed to apply hooks' in its log; the plugin is the entry point "
             "sglang.srt.plugins -> trb_megatron.sglang_plugin.model:register, installed with "
             "this package)")
-    want = 1.0 if teacher else 0.0
-    if list(meta["trb_beta"]) != [want]:
-        raise RuntimeError(f"the SGLang engine's {ARCHITECTURE} returned beta "
-                           f"{meta['trb_beta']} for a probe with eps={PROBE_EPS:g}; expected "
-                           f"[{want}] ({'with' if teacher else 'without'} the teacher)")
+    want, beta = 1.0 if teacher else 0.0, meta[meta_key("beta")]
+    if list(beta) != [want]:
+        raise RuntimeError(f"the SGLang engine's {ARCHITECTURE} returned beta {beta} for a "
+                           f"probe with eps={PROBE_EPS:g}; expected [{want}] "
+                           f"({'with' if teacher else 'without'} the teacher)")
 
 
 def _post(url: str, payload: dict, timeout: float = 3600.0):
@@ -276,16 +278,17 @@ class SGLangRolloutEngine:
                 checked(f"init_weights_update_group ({url})", future.result())
 
     def generate(self, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int,
-                 max_new_tokens: int, eps: float, seed: int, prompt_offset: int = 0,
-                 temperature: float = 1.0) -> RolloutBatch:
-        """The RolloutEngine protocol (see types.py); eps > 0 after `release_teacher` raises."""
+                 max_new_tokens: int, behaviour: BehaviourStep, seed: int,
+                 prompt_offset: int = 0) -> RolloutBatch:
+        """The RolloutEngine protocol (see types.py); a behaviour that runs the teacher after
+        `release_teacher` raises."""
         request = RolloutRequest.build(
             prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-            eps=eps, seed=seed, prompt_offset=prompt_offset, vocab_size=self.vocab.size,
-            max_positions=self.arch.max_position_embeddings, temperature=temperature)
-        if request.eps > 0 and not self.teacher_loaded:
-            raise ValueError(f"eps={eps} needs the teacher, but the engine runs the student "
-                             "alone since eps reached 0 (release_teacher)")
+            behaviour=behaviour, seed=seed, prompt_offset=prompt_offset,
+            vocab_size=self.vocab.size, max_positions=self.arch.max_position_embeddings)
+        if behaviour.teacher_runs and not self.teacher_loaded:
+            raise ValueError(f"{behaviour} needs the teacher, but the engine runs the student "
+                             "alone since the behaviour released it (release_teacher)")
         payload = [None]
         if self.driver:
             payload[0] = self._outputs(request)
@@ -353,8 +356,9 @@ class SGLangRolloutEngine:
                 checked(f"update_weights_from_distributed ({url})", future.result())
 
     def release_teacher(self) -> None:
-        """eps has reached 0 for good: the colocated engine runs the student alone from the
-        next sync_weights on (external servers keep the composite model: beta = 0 exactly)."""
+        """The behaviour no longer runs the teacher, for good: the colocated engine runs the
+        student alone from the next sync_weights on (external servers keep the composite model:
+        beta = 0 exactly)."""
         if not self.teacher_loaded:
             return
         self.teacher_loaded = False

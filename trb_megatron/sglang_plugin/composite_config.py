@@ -17,7 +17,7 @@ class TRBSettings:
     count; teacher_path: HF directory ("" for a student-only engine); vocab_size, stop_ids: the
     shared VocabLayout (student's EOS first); iterations: fixed solver iterations; max_rows:
     rows of the static per-row buffers (>= the engine's max running requests); default_eps:
-    budget of requests without custom_params["trb_eps"]."""
+    budget of requests without custom_params["trb_eps"] (wire.py)."""
 
     student_architecture: str
     student_layers: int

@@ -9,12 +9,14 @@ the test suite (tests/sglang); not yet run on a GPU.
 Legend: N rows drawing a token in this forward (requests), V this TP rank's vocabulary shard.
 
 Forward: both models' hidden states over the batch (the teacher's attention layers follow the
-student's in the shared KV pool), each model's local logits shard at the rows' last tokens,
-the TRB solve over the TP group with a fixed iteration count (trb.static_blend: static shapes,
-no host sync, so the decode step stays CUDA-graph capturable), the blended shard, ONE TP
-all-gather, returned as next_token_logits. The stock sampler then samples at temperature 1 with
-no truncation, and its log_softmax log-probs are log mu. Per-row budgets come from a static
-buffer filled by prepare_for_forward (eps.py); per-row beta, KL(mu || pi_S) and KL(pi_S || pi_T)
+student's in the shared KV pool), each model's local logits shard at the rows' last tokens, the
+behaviour's per-token law over the TP group (methods.token_behaviour, the megatron backend's
+law: a teacher-prefix token where the drawn position is before the row's teacher_until, else the
+TRB blend at the row's eps, with a fixed iteration count: static shapes, no host sync, so the
+decode step stays CUDA-graph capturable), ONE TP all-gather of the behaviour logits, returned as
+next_token_logits. The stock sampler then samples at temperature 1 with no truncation, and its
+log_softmax log-probs are log mu. Per-row eps and teacher_until come from static buffers filled
+by prepare_for_forward (wire.py); each token's source, beta, KL(mu || pi_S) and KL(pi_S || pi_T)
 land in static buffers that the sample hook hands to the scheduler as customized info.
 """
 
@@ -36,15 +38,11 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from sglang.srt.runtime_context import get_parallel
 from transformers import AutoConfig
 
+from trb_megatron.methods import Shard, VocabLayout, token_behaviour
 from trb_megatron.sglang_plugin import cpu_backend
 from trb_megatron.sglang_plugin.composite_config import ARCHITECTURE, read_settings
-from trb_megatron.sglang_plugin.eps import fill_eps_rows
 from trb_megatron.sglang_plugin.weights import TEACHER_PREFIX, align_vocab_rows, route
-from trb_megatron.trb import VocabLayout
-from trb_megatron.trb.static_blend import (StaticVocab, blended_logits_static,
-                                           solve_beta_static)
-
-STAT_BUFFERS = {"trb_beta": "beta_rows", "trb_kl": "kl_rows", "trb_reverse_kl": "reverse_kl_rows"}
+from trb_megatron.sglang_plugin.wire import REPORTED, fill_rows, meta_key
 
 
 def _model_class(hf_config):
@@ -93,20 +91,23 @@ class TRBForCausalLM(nn.Module):
             self.secondary_weights = (DefaultModelLoader.Source(
                 settings.teacher_path, None, prefix=TEACHER_PREFIX, fall_back_to_pt=True),)
         parallel = get_parallel()
-        self.tp_group = parallel.tp_group.device_group
-        self.vocab = StaticVocab.build(
-            rank=parallel.tp_rank, world=parallel.tp_size,
+        self.shard = Shard.equal_split(
+            group=parallel.tp_group.device_group, rank=parallel.tp_rank, world=parallel.tp_size,
             width=self.student.lm_head.weight.shape[0],
             layout=VocabLayout(size=settings.vocab_size, stop_ids=settings.stop_ids))
-        for name in ("eps_rows", *STAT_BUFFERS.values()):
-            self.register_buffer(name, torch.zeros(settings.max_rows), persistent=False)
+        self.register_buffer("eps_rows", torch.zeros(settings.max_rows), persistent=False)
+        self.register_buffer("until_rows", torch.zeros(settings.max_rows, dtype=torch.int64),
+                             persistent=False)
+        for name in REPORTED:
+            self.register_buffer(f"{name}_rows", torch.zeros(settings.max_rows),
+                                 persistent=False)
 
     def prepare_for_forward(self, forward_batch) -> None:
         """Called by SGLang's ModelRunner before every forward and CUDA-graph replay: the
-        batch's budgets into the static eps buffer."""
+        batch's budgets and teacher-prefix ends into the static per-row buffers."""
         if self.teacher is not None:
-            fill_eps_rows(self.eps_rows, forward_batch.sampling_info.custom_params,
-                          forward_batch.batch_size, self.settings.default_eps)
+            fill_rows(self.eps_rows, self.until_rows, forward_batch.sampling_info.custom_params,
+                      forward_batch.batch_size, self.settings.default_eps)
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None,
                 get_embedding=False, pp_proxy_tensors=None):
@@ -114,21 +115,19 @@ class TRBForCausalLM(nn.Module):
         hidden_s = self.student.model(input_ids, positions, forward_batch)
         s_NV = _local_logits(self.student, hidden_s, rows)
         n = s_NV.shape[0]
-        if self.teacher is None:
-            blended = blended_logits_static(s_NV, None, None, vocab=self.vocab,
-                                            group=self.tp_group)
-        else:
+        t_NV = from_teacher = None
+        if self.teacher is not None:
             hidden_t = self.teacher.model(input_ids, positions, forward_batch)
             t_NV = _local_logits(self.teacher, hidden_t, rows)
-            solution = solve_beta_static(s_NV, t_NV, self.eps_rows[:n], vocab=self.vocab,
-                                         group=self.tp_group,
-                                         iterations=self.settings.iterations)
-            self.beta_rows[:n].copy_(solution.beta)
-            self.kl_rows[:n].copy_(solution.kl_to_student)
-            self.reverse_kl_rows[:n].copy_(solution.reverse_kl)
-            blended = blended_logits_static(s_NV, t_NV, solution.beta, vocab=self.vocab,
-                                            group=self.tp_group)
-        logits = tensor_model_parallel_all_gather(blended, dim=-1)
+            drawn_at = (positions if rows is None else positions[rows]) + 1
+            from_teacher = drawn_at < self.until_rows[:n]
+        behaviour = token_behaviour(s_NV, t_NV, self.eps_rows[:n], from_teacher,
+                                    shard=self.shard, iterations=self.settings.iterations,
+                                    dtype=torch.float32)
+        reported = {"source": behaviour.source, **behaviour.stats()}
+        for name in REPORTED:
+            getattr(self, f"{name}_rows")[:n].copy_(reported[name])
+        logits = tensor_model_parallel_all_gather(behaviour.logits, dim=-1)
         return LogitsProcessorOutput(next_token_logits=logits[:, : self.config.vocab_size])
 
     def load_weights(self, weights):
@@ -152,14 +151,14 @@ class TRBForCausalLM(nn.Module):
 
 
 def _report_stats(original, runner, logits_output, forward_batch, *args, **kwargs):
-    """Hand each request's beta and KLs of this step to the scheduler (customized info,
-    returned to the client as meta_info["trb_beta"], ["trb_kl"], ["trb_reverse_kl"]; zeros for
-    a student-only model). Runs after the forward, outside any CUDA graph."""
+    """Hand each request's token source, beta and KLs of this step to the scheduler (customized
+    info, returned to the client as meta_info["trb_source"], ["trb_beta"], ...; zeros for a
+    student-only model). Runs after the forward, outside any CUDA graph."""
     model = runner.model
     if isinstance(model, TRBForCausalLM):
         n = forward_batch.batch_size
         logits_output.customized_info = {
-            key: getattr(model, buffer)[:n].tolist() for key, buffer in STAT_BUFFERS.items()}
+            meta_key(name): getattr(model, f"{name}_rows")[:n].tolist() for name in REPORTED}
     return original(runner, logits_output, forward_batch, *args, **kwargs)
 
 

@@ -16,20 +16,26 @@ _BINS = 200
 
 
 def rollout_statistics(batch: RolloutBatch, dp_group) -> dict:
-    """beta mean/p50/p90, teacher-feasible fraction, max realised KL, mean response length,
-    over all data-parallel ranks (one all-reduce SUM and one MAX)."""
-    mask = batch.response_mask
-    beta = batch.beta[mask].double()
+    """Over all data-parallel ranks (one all-reduce SUM and one MAX): beta mean/p50/p90,
+    teacher-feasible fraction (beta = 1 under a budget) and max realised KL(mu || pi_S) over
+    the tokens drawn from the step's blend (teacher-prefix tokens excluded: they are not the
+    trust region's); the fraction of response tokens from teacher prefixes; mean response
+    length."""
+    response = batch.response_mask
+    mask = response & ~batch.from_teacher
+    beta = batch.stat("beta")[mask].double()
     hist = torch.histc(beta, bins=_BINS, min=0.0, max=1.0)
-    sums = torch.cat([torch.tensor([mask.sum(), beta.sum(), batch.teacher_feasible[mask].sum(),
-                                    batch.response_lengths.sum(), len(batch.response_lengths)],
+    feasible = (beta == 1.0).sum() if batch.behaviour.eps > 0 else torch.tensor(0)
+    sums = torch.cat([torch.tensor([mask.sum(), beta.sum(), feasible,
+                                    batch.response_lengths.sum(), len(batch.response_lengths),
+                                    response.sum(), batch.from_teacher.sum()],
                                    dtype=torch.float64), hist.double()])
-    kl_max = batch.kl_to_student[mask].max() if mask.any() else torch.tensor(0.0)
-    peak = torch.tensor([float(kl_max)], dtype=torch.float64)
+    kl = batch.stat("kl_to_student")[mask]
+    peak = torch.tensor([float(kl.max()) if kl.numel() else 0.0], dtype=torch.float64)
     dist.all_reduce(sums, group=dp_group)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=dp_group)
-    tokens, beta_sum, feasible, lengths, rows = sums[:5].tolist()
-    cumulative = torch.cumsum(sums[5:], 0) / max(tokens, 1.0)
+    tokens, beta_sum, feasible, lengths, rows, response_tokens, teacher = sums[:7].tolist()
+    cumulative = torch.cumsum(sums[7:], 0) / max(tokens, 1.0)
 
     def quantile(q):
         return float((torch.searchsorted(cumulative, torch.tensor(q, dtype=torch.float64))
@@ -38,7 +44,8 @@ def rollout_statistics(batch: RolloutBatch, dp_group) -> dict:
     return {"beta_mean": beta_sum / max(tokens, 1.0), "beta_p50": quantile(0.5),
             "beta_p90": quantile(0.9), "teacher_feasible_frac": feasible / max(tokens, 1.0),
             "kl_to_student_max": float(peak), "response_len_mean": lengths / max(rows, 1.0),
-            "response_tokens": int(tokens)}
+            "teacher_prefix_frac": teacher / max(response_tokens, 1.0),
+            "response_tokens": int(response_tokens)}
 
 
 def _records(path: Path):

@@ -1,10 +1,12 @@
-"""The OPD/TRB training loop: prompts -> rollout (TRB blend during warmup) -> teacher scoring ->
-pipelined vocab-parallel reverse-KL step -> eps schedule -> metrics -> eval -> checkpoint.
+"""The distillation loop: prompts -> rollout (the method's behaviour step: TRB blend, teacher
+prefixes, the student alone) -> teacher scoring -> pipelined vocab-parallel step on the method's
+objective -> metrics -> eval -> checkpoint.
 
-Randomness is a function of (seed, step): sampling noise is counter-based (trb.sample_tokens) and
-torch's generator is reseeded every step, so a resumed run continues bit for bit from the model,
-optimizer, step and prompt position stored in the checkpoint. SIGTERM (Slurm preemption) lets
-the current step finish, writes a checkpoint and returns "preempted".
+Randomness is a function of (seed, step): sampling noise and every per-token draw are
+counter-based (methods.seeds) and torch's generator is reseeded every step, so a resumed run
+continues bit for bit from the model, optimizer, step and prompt position stored in the
+checkpoint. SIGTERM (Slurm preemption) lets the current step finish, writes a checkpoint and
+returns "preempted".
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from trb_megatron.checkpoint.convert import load_megatron
 from trb_megatron.config import Config
+from trb_megatron.methods.seeds import derive_seed, rollout_seed
 from trb_megatron.models.arch import ModelArch
 from trb_megatron.models.pairing import shared_vocab_layout
 from trb_megatron.parallel import detect_profile, initialize_parallel
@@ -29,7 +32,6 @@ from trb_megatron.training.distill_step import DistillStep
 from trb_megatron.training.metrics import MetricsLog, rollout_statistics
 from trb_megatron.training.optim import learning_rate, set_learning_rate, wrap_and_optimize
 from trb_megatron.training.prompt_order import PromptOrder
-from trb_megatron.trb import EpsSchedule
 
 
 def check_layout(config: Config, world_size: int, arch_fallback_dir=None, *,
@@ -52,18 +54,18 @@ def check_layout(config: Config, world_size: int, arch_fallback_dir=None, *,
             arch.check_parallel(tp, pp)
         except ValueError as err:
             raise ValueError(f"model.{role} ({path}): {err}") from None
+        if role == "student":
+            for key, k in config.method.vocab_bounded().items():
+                if k > arch.vocab_size:
+                    raise ValueError(
+                        f"{key}={k} exceeds the vocabulary of model.student ({path}: "
+                        f"{arch.vocab_size} tokens): set {key} to at most {arch.vocab_size}")
         bf16_edges = max(fp8.bf16_layers_at_start, fp8.bf16_layers_at_end)
         in_fp8 = fp8.enabled and (role == "student" or fp8.teacher)
         if in_fp8 and bf16_edges > arch.num_layers // pp:
             raise ValueError(f"fp8.bf16_layers_at_start/end ({bf16_edges}) exceed the "
                              f"{arch.num_layers // pp} layers per pipeline stage of model.{role}")
     return dp
-
-
-def rollout_seed(seed: int, step: int) -> int:
-    """Sampling seed of a step; rows are told apart by their global position in the step's
-    prompts (prompt_offset), so rollouts do not depend on the data-parallel size."""
-    return (seed * 1_000_003 + step * 7_919) & 0x7FFFFFFF
 
 
 class Trainer:
@@ -85,14 +87,12 @@ class Trainer:
         _, self.teacher = load_megatron(config.model.teacher, self.groups,
                                         profile=profile if config.fp8.teacher else None)
         self.ddp, self.optimizer = wrap_and_optimize(student, config.optim, self.groups)
+        self.method = config.build_method()
         self.distill = DistillStep(self.ddp, self.teacher, self.optimizer, self.groups,
-                                   self.vocab, estimator=config.loss.estimator,
-                                   topk=config.loss.topk,
+                                   self.vocab, objective=self.method.objective,
                                    micro_batch_size=config.train.micro_batch_size,
                                    fused=profile.compile_trb)
         self.engine = self._rollout_engine(profile)
-        self.eps = EpsSchedule(method=config.trb.method, eps0=config.trb.eps0,
-                               anneal_steps=config.trb.anneal_steps)
         self.order = PromptOrder(len(self.prompts), config.train.seed)
         self.step = 0
         self.run_dir = Path(config.train.run_dir)
@@ -108,9 +108,10 @@ class Trainer:
                                   tensorboard=config.logging.tensorboard,
                                   wandb_project=config.logging.wandb_project or None,
                                   run_name=self.run_dir.name)
-        if self.rank0:
+        if self.rank0:  # with the method's settings as this run resolved them
+            resolved = dataclasses.replace(config, method=config.resolved_method())
             (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+                yaml.safe_dump(dataclasses.asdict(resolved), sort_keys=False))
         self._stop_requested = False
 
     def _rollout_engine(self, profile):
@@ -120,7 +121,7 @@ class Trainer:
 
             return MegatronRolloutEngine(self.ddp.module, self.teacher, self.groups,
                                          vocab=self.vocab, pad_id=self.vocab.stop_ids[0],
-                                         solver_tol=cfg.trb.solver_tol,
+                                         solver_tol=cfg.method.solver_tol,
                                          fused_solver=profile.compile_trb)
         from trb_megatron.rollout.sglang_engine import SGLangRolloutEngine, hf_source_dir
 
@@ -134,8 +135,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimiser step at self.step; returns its metrics record."""
         cfg = self.config
-        eps = self.eps(self.step)
-        if eps == 0:  # every schedule is non-increasing: the teacher is done with rollouts
+        behaviour = self.method.behaviour.at(self.step)
+        if not behaviour.teacher_runs:  # every schedule is non-increasing: done for good
             self.engine.release_teacher()
         torch.manual_seed(cfg.train.seed + self.step)
         indices = self.order.take(cfg.train.prompts_per_step, self.groups.dp.rank(),
@@ -146,19 +147,21 @@ class Trainer:
         start = time.perf_counter()
         batch = self.engine.generate(
             [self.prompts[i] for i in indices], samples_per_prompt=cfg.rollout.samples_per_prompt,
-            max_new_tokens=cfg.rollout.max_new_tokens, eps=eps,
+            max_new_tokens=cfg.rollout.max_new_tokens, behaviour=behaviour,
             seed=rollout_seed(cfg.train.seed, self.step),
             prompt_offset=self.groups.dp.rank() * len(indices))
         rollout_s = time.perf_counter() - start
         lr = learning_rate(cfg.optim, self.step, cfg.train.steps)
         set_learning_rate(self.optimizer, lr)
-        result = self.distill(batch)
+        result = self.distill(batch, noise_seed=derive_seed(cfg.train.seed, "objective",
+                                                            self.step))
         stats = rollout_statistics(batch, self.groups.dp)
         total_tokens = batch.tokens.numel() * self.groups.dp.size()
         return {
-            "step": self.step, "eps": eps, "loss": result.loss,
-            "reverse_kl": result.reverse_kl,
+            "step": self.step, "eps": behaviour.eps, "prefix_len_max": behaviour.prefix_max,
+            "loss": result.loss, "reverse_kl": result.reverse_kl,
             **{k: v for k, v in stats.items() if k != "response_tokens"},
+            **result.objective_metrics,
             "rollout_tokens_per_s": stats["response_tokens"] / max(rollout_s, 1e-9),
             "train_tokens_per_s": total_tokens / max(result.train_seconds, 1e-9),
             "rollout_logprob_diff_mean": result.logprob_diff_mean,

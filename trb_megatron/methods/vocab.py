@@ -1,4 +1,4 @@
-"""The vocabulary as the TRB functions see it: sharding, padding and the canonical stop event.
+"""The vocabulary as the method functions see it: sharding, padding and the canonical stop event.
 
 Legend: N rows (token positions), V local vocabulary columns on this rank, R ranks in the
 vocabulary group. A process group shards the vocabulary in contiguous rank order: rank r holds
@@ -7,7 +7,9 @@ model, never sampled, no gradient) when they are padding (global id >= the true 
 stop token merged into the canonical EOS (see `canonicalize_eos`).
 
 Every cross-rank exchange here moves a few scalars per row (all-gather of per-rank statistics);
-the vocabulary itself never crosses ranks.
+the vocabulary itself never crosses ranks. Nothing below `describe_shard` inspects tensor values
+on the host, so the same functions run inside a captured CUDA graph (the SGLang composite model
+builds its `Shard` once with `Shard.equal_split`).
 """
 
 from dataclasses import dataclass
@@ -60,23 +62,57 @@ class Shard:
         return torch.arange(self.offset, self.offset + self.width, device=device)
 
     def excluded(self, device) -> torch.Tensor | None:
-        """[V] bool, True for padded or merged-away columns; None when nothing is excluded."""
+        """[V] bool, True for padded or merged-away columns; None when nothing is excluded.
+        Decided from the layout's integers alone (no device synchronisation)."""
+        end = self.offset + self.width
+        padded = self.layout.size is not None and self.layout.size < end
+        merged = [s for s in self.layout.stop_ids[1:] if self.offset <= s < end]
+        if not (padded or merged):
+            return None
         ids = self.global_ids(device)
-        mask = torch.zeros(self.width, dtype=torch.bool, device=device)
-        if self.layout.size is not None:
-            mask |= ids >= self.layout.size
-        for merged in self.layout.stop_ids[1:]:
-            mask |= ids == merged
-        return mask if bool(mask.any()) else None
+        mask = ids >= self.layout.size if padded else torch.zeros_like(ids, dtype=torch.bool)
+        for sid in merged:
+            mask |= ids == sid
+        return mask
+
+    @classmethod
+    def equal_split(cls, *, group, rank: int, world: int, width: int,
+                    layout: VocabLayout) -> "Shard":
+        """Equal shards of `width` columns per rank in rank order (SGLang's ParallelLMHead and
+        Megatron's vocab-parallel output layer both shard the padded vocabulary this way), for
+        callers that must not exchange shapes per call (`rows` is 0: the functions that take
+        such a shard use their inputs' row count)."""
+        if not (0 <= rank < world and width >= 1):
+            raise ValueError(f"need 0 <= rank < world and width >= 1; got rank={rank}, "
+                             f"world={world}, width={width}")
+        _check_layout(layout, world * width)
+        return cls(group, rank, world, 0, rank * width, width, world * width, layout)
+
+
+def _check_layout(layout: VocabLayout, total: int) -> None:
+    if layout.size is not None and not 1 <= layout.size <= total:
+        raise ValueError(f"vocab size {layout.size} must be in [1, {total}] (the number of "
+                         "logit columns across the group)")
+    limit = total if layout.size is None else layout.size
+    for sid in layout.stop_ids:
+        if not 0 <= sid < limit:
+            raise ValueError(f"stop id {sid} is outside the vocabulary [0, {limit})")
+
+
+# torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single
+_GATHER_INTO_TENSOR = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """[N, K] per-rank statistics -> [R, N, K] from every rank of `group` (R=1 without group)."""
-    if group is None:
+    """[N, K] per-rank statistics -> [R, N, K] from every rank of `group` (R=1 without group),
+    gathered into one preallocated tensor by one collective, the form SGLang captures in CUDA
+    graphs."""
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
         return x.unsqueeze(0)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.stack(parts)
+    out = torch.empty(world * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
+    _GATHER_INTO_TENSOR(out, x.contiguous(), group=group)
+    return out.view(world, *x.shape)
 
 
 def describe_shard(*logits: torch.Tensor, group=None, vocab=None) -> Shard:
@@ -111,13 +147,7 @@ def describe_shard(*logits: torch.Tensor, group=None, vocab=None) -> Shard:
                 f"{[n for n, _ in shapes]} (rank order); every rank must pass the same tokens")
         offset = sum(w for _, w in shapes[:rank])
         total = sum(w for _, w in shapes)
-    if layout.size is not None and not 1 <= layout.size <= total:
-        raise ValueError(f"vocab size {layout.size} must be in [1, {total}] (the number of "
-                         "logit columns across the group)")
-    valid_limit = total if layout.size is None else layout.size
-    for sid in layout.stop_ids:
-        if not 0 <= sid < valid_limit:
-            raise ValueError(f"stop id {sid} is outside the vocabulary [0, {valid_limit})")
+    _check_layout(layout, total)
     return Shard(group, rank, world, rows, offset, width, total, layout)
 
 
@@ -155,17 +185,23 @@ def merge_stops(x_NV: torch.Tensor, shard: Shard) -> torch.Tensor:
 class _MergeStops(torch.autograd.Function):
     """Stop-token merge whose backward reaches every stop column, whichever rank owns it.
 
-    d merged / d x_j = softmax_j over the stop columns; the merged column's upstream gradient
-    lives on the rank owning stop_ids[0], so the backward shares it with one all-gather.
+    Forward: one all-gather of len(stop_ids) values per row (non-owners contribute -inf), no
+    host decision beyond the layout. d merged / d x_j = softmax_j over the stop columns; the
+    merged column's upstream gradient lives on the rank owning stop_ids[0], so the backward
+    shares it with one all-gather.
     """
 
     @staticmethod
     def forward(ctx, x_NV, shard):
-        ids = torch.as_tensor(shard.layout.stop_ids, dtype=torch.int64, device=x_NV.device)
-        values_NK = column_values(x_NV, ids, shard)
+        owned = list(owned_stops(shard))
+        values_NK = torch.full((x_NV.shape[0], len(shard.layout.stop_ids)), float("-inf"),
+                               dtype=x_NV.dtype, device=x_NV.device)
+        for pos, local in owned:
+            values_NK[:, pos] = x_NV[:, local]
+        values_NK = all_gather_rows(values_NK, shard.group).amax(0)
         merged = torch.logsumexp(values_NK, dim=1)
         out = x_NV.clone()
-        for pos, local in owned_stops(shard):
+        for pos, local in owned:
             out[:, local] = merged if pos == 0 else float("-inf")
         ctx.save_for_backward(torch.softmax(values_NK, dim=1))
         ctx.shard = shard
@@ -201,10 +237,7 @@ def prepare_logits(x_NV: torch.Tensor, shard: Shard, dtype) -> torch.Tensor:
     """
     out = x_NV.to(dtype)
     excluded = shard.excluded(out.device)
-    if excluded is not None:
-        out = out.clone() if out is x_NV else out
-        out[:, excluded] = float("-inf")
-    return out
+    return out if excluded is None else out.masked_fill(excluded, float("-inf"))
 
 
 def finite_shift(m_N: torch.Tensor) -> torch.Tensor:

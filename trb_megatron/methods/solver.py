@@ -31,7 +31,8 @@ class BetaSolution:
     beta: the blend weight; kl_to_student: KL(mu_beta || pi_S) (<= eps + tol);
     reverse_kl: KL(pi_S || pi_T), the per-prefix distillation loss value, free from the solve;
     teacher_feasible: KL(pi_T || pi_S) <= eps with eps > 0, i.e. beta = 1;
-    token_iterations: Newton evaluations spent on each row; iterations: their maximum.
+    token_iterations: Newton evaluations spent on each row; iterations: the evaluations made
+    (their maximum for the early-exit solve, the fixed count for the graph-safe one).
     """
 
     beta: torch.Tensor
@@ -105,19 +106,21 @@ def _moments_fn(fused: bool):
     return _FUSED["fn"]
 
 
-class _Blend:
-    """Evaluates the blend statistics of one batch of rows for any beta (collectives inside).
+class Blend:
+    """The blend statistics of one batch of rows at any beta (collectives inside).
 
-    Holds s and diff = t - s in the compute dtype (one conversion up front: kernels on
-    same-dtype inputs vectorise far better than ones that upcast on the fly).
+    s_NV, t_NV: stop-merged logits shards in the compute dtype (kernels on same-dtype inputs
+    vectorise far better than ones that upcast on the fly); holds s and diff = t - s, with
+    diff = 0 on excluded columns. fused: the compiled per-iteration pass (GPUs, large
+    vocabularies).
     """
 
-    def __init__(self, s_NV, t_NV, shard: Shard, dtype, fused):
-        self.s_NV = s_NV.to(dtype)
-        self.diff_NV = t_NV.to(dtype) - self.s_NV
+    def __init__(self, s_NV, t_NV, shard: Shard, fused: bool = False):
+        self.s_NV = s_NV
         self.excluded = shard.excluded(s_NV.device)
+        self.diff_NV = t_NV - s_NV
         if self.excluded is not None:
-            self.diff_NV[:, self.excluded] = 0.0
+            self.diff_NV = self.diff_NV.masked_fill(self.excluded, 0.0)
         self.shard = shard
         self.moments = _moments_fn(fused)
 
@@ -125,7 +128,7 @@ class _Blend:
         """(A(beta), E_mu[diff], Var_mu[diff]) per row, over the whole vocabulary.
 
         rows: optional [M] indices to evaluate (the same on every rank); other rows get 0.
-        Late iterations touch only the few rows still open.
+        Late iterations of the early-exit solve touch only the few rows still open.
         """
         beta = beta_N if rows is None else beta_N[rows]
         local = self.moments(self.s_NV, self.diff_NV, beta, rows, self.excluded)
@@ -138,7 +141,70 @@ class _Blend:
         return out.unbind(0)
 
 
-def _eps_tensor(eps, rows, dtype, device):
+def newton_solve(blend: Blend, eps_N, *, tol: float, rtol: float, iterations: int,
+                 early_exit: bool, check=None) -> BetaSolution:
+    """The trust-region solve, written once for both loop forms.
+
+    eps_N: [N] budgets >= 0, +inf allowed (beta = 1: the teacher itself, e.g. a teacher-prefix
+    token). early_exit=True stops when every row has converged and evaluates only open rows
+    (host synchronisation each iteration: the megatron backend, the trainer); False runs exactly
+    `iterations` evaluations on every row with no host decision (CUDA-graph safe: the SGLang
+    composite model). Either way a row whose iterate reached |KL - eps| <= min(tol, rtol * eps)
+    returns it and any other row the feasible end of its bracket, so kl_to_student <= eps + tol.
+    check: optional callable on the first statistics (the validating entry point's NaN check).
+    """
+    zero_N, one_N = torch.zeros_like(eps_N), torch.ones_like(eps_N)
+    lse_s, mean_s, var_s = blend.at(zero_N)
+    lse_t, mean_t, _ = blend.at(one_N)
+    if check is not None:
+        check((lse_s, mean_s, var_s, lse_t, mean_t))
+    reverse_kl = (lse_t - lse_s) - mean_s
+    kl_teacher = (mean_t - (lse_t - lse_s)).clamp_min(0.0)
+    positive = eps_N > 0
+    feasible = positive & (kl_teacher <= eps_N)
+    active = positive & ~feasible
+    open_N = active
+    converged = torch.zeros_like(active)
+    beta = torch.where(feasible, one_N, zero_N)
+    kl = torch.where(feasible, kl_teacher, zero_N)
+    lo, kl_lo, hi = zero_N.clone(), zero_N.clone(), one_N.clone()
+    atol = torch.minimum(torch.full_like(eps_N, tol), rtol * eps_N)
+    iters_N = torch.zeros(eps_N.shape[0], dtype=torch.int64, device=eps_N.device)
+    c = torch.sqrt(eps_N)
+    trial = torch.where(active, initial_beta(var_s, kl_teacher, c), zero_N)
+    done_iterations = 0
+    for _ in range(iterations):
+        rows = None
+        if early_exit:
+            if not bool(open_N.any()):
+                break
+            rows = open_N.nonzero().squeeze(1)
+            rows = None if rows.numel() == eps_N.shape[0] else rows
+        done_iterations += 1
+        lse_b, mean_b, var_b = blend.at(trial, rows)
+        kl_trial = (trial * mean_b - (lse_b - lse_s)).clamp_min(0.0)
+        iters_N += open_N.long()
+        gap = kl_trial - eps_N
+        hit = open_N & (gap.abs() <= atol)
+        converged |= hit
+        beta = torch.where(hit, trial, beta)
+        kl = torch.where(hit, kl_trial, kl)
+        below = open_N & (gap <= 0)
+        lo = torch.where(below, trial, lo)
+        kl_lo = torch.where(below, kl_trial, kl_lo)
+        hi = torch.where(open_N & (gap > 0), trial, hi)
+        open_N = open_N & ~hit & (hi - lo > 1e-12)
+        trial = newton_step(trial, kl_trial, var_b, c, lo, hi)
+    unresolved = active & ~converged
+    beta = torch.where(unresolved, lo, beta)
+    kl = torch.where(unresolved, kl_lo, kl)
+    return BetaSolution(beta=beta, kl_to_student=kl, reverse_kl=reverse_kl,
+                        teacher_feasible=feasible, token_iterations=iters_N,
+                        iterations=done_iterations)
+
+
+def budgets(eps, rows, dtype, device):
+    """[N] budgets from a float or an [N] tensor; ValueError unless finite and >= 0."""
     eps_N = torch.as_tensor(eps, dtype=dtype, device=device)
     if eps_N.dim() == 0:
         eps_N = eps_N.expand(rows)
@@ -151,19 +217,22 @@ def _eps_tensor(eps, rows, dtype, device):
     return eps_N.clone()
 
 
-def _check_finite(stats, s_NV, t_NV, shard: Shard):
-    if all(bool(torch.isfinite(x).all()) for x in stats):
-        return
-    bad = []
-    for name, x in (("student_logits", s_NV), ("teacher_logits", t_NV)):
-        excluded = shard.excluded(x.device)
-        valid = x if excluded is None else x[:, ~excluded]
-        count = int((~torch.isfinite(valid)).sum())
-        if count:
-            bad.append(f"{name}: {count} NaN/inf values in real vocabulary columns on rank "
-                       f"{shard.rank}")
-    raise ValueError("logits must be finite in every real (non-padded) vocabulary column; "
-                     + ("; ".join(bad) or "another rank of the vocabulary group holds NaN/inf"))
+def finite_check(s_NV, t_NV, shard: Shard):
+    """A `newton_solve` check: ValueError naming the logits when the statistics are not finite."""
+    def check(stats):
+        if all(bool(torch.isfinite(x).all()) for x in stats):
+            return
+        bad = []
+        for name, x in (("student_logits", s_NV), ("teacher_logits", t_NV)):
+            excluded = shard.excluded(x.device)
+            valid = x if excluded is None else x[:, ~excluded]
+            count = int((~torch.isfinite(valid)).sum())
+            if count:
+                bad.append(f"{name}: {count} NaN/inf values in real vocabulary columns on rank "
+                           f"{shard.rank}")
+        raise ValueError("logits must be finite in every real (non-padded) vocabulary column; "
+                         + ("; ".join(bad) or "another rank of the vocabulary group holds NaN/inf"))
+    return check
 
 
 def solve_beta(student_logits, teacher_logits, eps, *, group=None, tol=1e-6, rtol=1e-3,
@@ -176,57 +245,16 @@ def solve_beta(student_logits, teacher_logits, eps, *, group=None, tol=1e-6, rto
     Converged when |KL - eps| <= min(tol, rtol * eps); rows still open after max_iters return
     the feasible end of their bracket, so kl_to_student <= eps + tol always.
     Statistics are computed in `dtype`: float64 by default (KL resolved to ~1e-12); float32 is
-    2-3x faster but resolves KL only to ~1e-6 on peaked logits, so pair it with tol >= 1e-5. fused=True compiles the per-iteration pass with
-    torch.compile (one pass over both logits per iteration; the first call compiles for seconds).
+    2-3x faster but resolves KL only to ~1e-6 on peaked logits, so pair it with tol >= 1e-5.
+    fused=True compiles the per-iteration pass with torch.compile (one pass over both logits per
+    iteration; the first call compiles for seconds). Validates its input (host checks); the
+    graph-safe form is `newton_solve(..., early_exit=False)` (behaviour.token_behaviour).
     """
     if max_iters < 1 or tol <= 0 or rtol <= 0:
         raise ValueError(f"need max_iters >= 1, tol > 0, rtol > 0; got {max_iters}, {tol}, {rtol}")
     shard = describe_shard(student_logits, teacher_logits, group=group, vocab=vocab)
-    eps_N = _eps_tensor(eps, shard.rows, dtype, student_logits.device)
+    eps_N = budgets(eps, shard.rows, dtype, student_logits.device)
     s_NV, t_NV = (merge_stops(x.to(dtype), shard) for x in (student_logits, teacher_logits))
-    blend = _Blend(s_NV, t_NV, shard, dtype, fused)
-    zero_N, one_N = torch.zeros_like(eps_N), torch.ones_like(eps_N)
-    lse_s, mean_s, var_s = blend.at(zero_N)
-    lse_t, mean_t, _ = blend.at(one_N)
-    _check_finite((lse_s, mean_s, var_s, lse_t, mean_t), student_logits, teacher_logits, shard)
-    reverse_kl = (lse_t - lse_s) - mean_s
-    kl_teacher = (mean_t - (lse_t - lse_s)).clamp_min(0.0)
-
-    def kl_at(beta_N, lse_b, mean_b):
-        return (beta_N * mean_b - (lse_b - lse_s)).clamp_min(0.0)
-
-    positive = eps_N > 0
-    feasible = positive & (kl_teacher <= eps_N)
-    active = positive & ~feasible
-    converged = torch.zeros_like(active)
-    beta = torch.where(feasible, one_N, zero_N)
-    kl = torch.where(feasible, kl_teacher, zero_N)
-    lo, kl_lo, hi = zero_N.clone(), zero_N.clone(), one_N.clone()
-    atol = torch.minimum(torch.full_like(eps_N, tol), rtol * eps_N)
-    iters_N = torch.zeros(shard.rows, dtype=torch.int64, device=eps_N.device)
-    c = torch.sqrt(eps_N)
-    trial = torch.where(active, initial_beta(var_s, kl_teacher, c), zero_N)
-    iterations = 0
-    while bool(active.any()) and iterations < max_iters:
-        iterations += 1
-        rows = active.nonzero().squeeze(1)
-        lse_b, mean_b, var_b = blend.at(trial, None if rows.numel() == shard.rows else rows)
-        kl_trial = kl_at(trial, lse_b, mean_b)
-        iters_N += active.long()
-        gap = kl_trial - eps_N
-        done = active & (gap.abs() <= atol)
-        converged |= done
-        beta = torch.where(done, trial, beta)
-        kl = torch.where(done, kl_trial, kl)
-        below = active & (gap <= 0)
-        lo = torch.where(below, trial, lo)
-        kl_lo = torch.where(below, kl_trial, kl_lo)
-        hi = torch.where(active & (gap > 0), trial, hi)
-        active = active & ~done & (hi - lo > 1e-12)
-        trial = newton_step(trial, kl_trial, var_b, c, lo, hi)
-    unresolved = positive & ~feasible & ~converged
-    beta = torch.where(unresolved, lo, beta)
-    kl = torch.where(unresolved, kl_lo, kl)
-    return BetaSolution(beta=beta, kl_to_student=kl, reverse_kl=reverse_kl,
-                        teacher_feasible=feasible, token_iterations=iters_N,
-                        iterations=iterations)
+    return newton_solve(Blend(s_NV, t_NV, shard, fused), eps_N, tol=tol, rtol=rtol,
+                        iterations=max_iters, early_exit=True,
+                        check=finite_check(student_logits, teacher_logits, shard))

@@ -1,23 +1,24 @@
-"""Blended log-probabilities and seeded sampling over a sharded vocabulary.
+"""Behaviour log-probabilities and seeded sampling over a sharded vocabulary.
 
 Legend: N rows (token positions), V local vocabulary columns, R ranks of the vocabulary group.
 
 log mu_beta = (1-beta) log pi_S + beta log pi_T - log Z(beta), computed on each rank's shard
-with one all-gather of (max, sum) per row. Sampling is Gumbel-max: token = argmax_v
-(log mu(v) / temperature + g(seed, row, v)), where the Gumbel noise g comes from a counter-based
-hash of (seed, row id, GLOBAL column id). Each rank draws noise for its own columns only, and
-the winner is found with one all-gather of (value, id, log-prob) triples per row, so the
-sampled ids are identical on every rank and for any sharding of the same vocabulary.
+(`blend_logits`: the one place this formula lives; the megatron decode loop, the SGLang composite
+model and the trainer's mismatch check all call it) with one all-gather of (max, sum) per row.
+Sampling is Gumbel-max: token = argmax_v (log mu(v) / temperature + g(seed, row, v)), where the
+Gumbel noise g comes from a counter-based hash of (seed, row id, GLOBAL column id) (seeds.py).
+Each rank draws noise for its own columns only, and the winner is found with one all-gather of
+(value, id, log-prob) triples per row, so the sampled ids are identical on every rank and for any
+sharding of the same vocabulary.
 """
 
 from dataclasses import dataclass, replace
 
 import torch
 
-from .vocab import (all_gather_rows, column_values, combine_weighted, describe_shard, logsumexp,
-                    lse_stats, merge_stops, prepare_logits)
-
-_MASK32 = 0xFFFFFFFF
+from .seeds import gumbel_noise
+from .vocab import (Shard, all_gather_rows, column_values, combine_weighted, describe_shard,
+                    logsumexp, lse_stats, merge_stops, prepare_logits)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,23 @@ class SampledTokens:
 
     token_ids: torch.Tensor
     log_prob: torch.Tensor
+
+
+def blend_logits(s_NV, t_NV, beta_N, shard: Shard) -> torch.Tensor:
+    """[N, V] (1 - beta) s + beta t on this shard with excluded columns -inf: log mu_beta up to a
+    per-row constant, which is all a softmax sampler (and its log_softmax log-probs) needs.
+
+    s_NV, t_NV: stop-merged logits (`merge_stops`) in the compute dtype; t_NV None: the student
+    alone (beta ignored). No host decision: safe inside a captured CUDA graph."""
+    mixed = prepare_logits(s_NV, shard, s_NV.dtype)
+    if t_NV is not None:
+        t_NV = prepare_logits(t_NV, shard, s_NV.dtype)
+        # (1-beta) s + beta t, keeping -inf (not NaN) on excluded columns.
+        mixed = torch.lerp(mixed, t_NV, beta_N.to(s_NV.dtype).unsqueeze(1))
+        excluded = shard.excluded(mixed.device)
+        if excluded is not None:
+            mixed = mixed.masked_fill(excluded, float("-inf"))
+    return mixed
 
 
 def blended_log_probs(student_logits, teacher_logits, beta, *, group=None, vocab=None,
@@ -64,47 +82,24 @@ def blended_token_log_probs(student_logits, teacher_logits, beta, tokens, *, gro
 
 
 def _log_mu(shard, student_logits, teacher_logits, beta, dtype):
-    s_NV = prepare_logits(merge_stops(student_logits.to(dtype), shard), shard, dtype)
-    beta_N = torch.as_tensor(beta, dtype=dtype, device=s_NV.device).expand(shard.rows)
+    """Validated, normalised `blend_logits` of raw (unmerged) logits."""
+    beta_N = torch.as_tensor(beta, dtype=dtype, device=student_logits.device).expand(shard.rows)
     if bool(((beta_N < 0) | (beta_N > 1) | torch.isnan(beta_N)).any()):
         raise ValueError("beta must lie in [0, 1]")
-    if teacher_logits is None:
-        if bool((beta_N != 0).any()):
-            raise ValueError("teacher_logits is None but beta > 0 for some rows")
-        mixed = s_NV
-    else:
-        t_NV = prepare_logits(merge_stops(teacher_logits.to(dtype), shard), shard, dtype)
-        # (1-beta) s + beta t, keeping -inf (not NaN) on excluded columns.
-        mixed = torch.lerp(s_NV, t_NV, beta_N.unsqueeze(1))
-        excluded = shard.excluded(mixed.device)
-        if excluded is not None:
-            mixed[:, excluded] = float("-inf")
-    lse = logsumexp(mixed, shard)
+    if teacher_logits is None and bool((beta_N != 0).any()):
+        raise ValueError("teacher_logits is None but beta > 0 for some rows")
+    merged = [None if x is None else merge_stops(x.to(dtype), shard)
+              for x in (student_logits, teacher_logits)]
+    return normalise(blend_logits(*merged, beta_N, shard), shard)
+
+
+def normalise(logits_NV, shard: Shard) -> torch.Tensor:
+    """[N, V] log-probabilities of logits over the whole (sharded) vocabulary; ValueError when a
+    row has no finite mass (non-finite logits in real columns)."""
+    lse = logsumexp(logits_NV, shard)
     if not bool(torch.isfinite(lse).all()):
         raise ValueError("logits must be finite in every real (non-padded) vocabulary column")
-    return mixed - lse.unsqueeze(1)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values < 2^32.
-
-    Multipliers stay below 2^31 so no int64 product overflows.
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _MASK32
-    return x ^ (x >> 15)
-
-
-def gumbel_noise(seed: int, row_ids: torch.Tensor, col_ids: torch.Tensor, dtype=torch.float64):
-    """[N, V] standard Gumbel noise, a pure function of (seed, row id, global column id)."""
-    seed_t = torch.tensor((seed ^ (seed >> 32)) & _MASK32, dtype=torch.int64)
-    row_key = _mix32((row_ids.to(torch.int64) & _MASK32) ^ _mix32(seed_t)).unsqueeze(1)
-    cols = (col_ids.to(torch.int64) & _MASK32).unsqueeze(0)
-    h = _mix32(_mix32(cols ^ row_key) ^ (row_key >> 7))
-    u = (h.to(dtype) + 0.5) / 4294967296.0
-    return -torch.log(-torch.log(u))
+    return logits_NV - lse.unsqueeze(1)
 
 
 def sample_tokens(student_logits, teacher_logits=None, beta=0.0, *, seed: int, row_ids=None,
@@ -122,19 +117,26 @@ def sample_tokens(student_logits, teacher_logits=None, beta=0.0, *, seed: int, r
     pair = (student_logits,) if teacher_logits is None else (student_logits, teacher_logits)
     shard = describe_shard(*pair, group=group, vocab=vocab)
     log_mu = _log_mu(shard, student_logits, teacher_logits, beta, torch.float64)
-    rows = shard.rows
+    return sample_log_probs(log_mu, shard, seed=seed, row_ids=row_ids, temperature=temperature)
+
+
+def sample_log_probs(log_mu_NV, shard: Shard, *, seed: int, row_ids=None,
+                     temperature=1.0) -> SampledTokens:
+    """Draw one token per row from normalised log-probabilities log_mu_NV (this rank's shard):
+    the Gumbel-max draw behind `sample_tokens`, for callers that built log mu themselves."""
+    rows = log_mu_NV.shape[0]
     row_ids = torch.arange(rows) if row_ids is None else torch.as_tensor(row_ids)
     if row_ids.shape != (rows,):
         raise ValueError(f"row_ids must have shape [{rows}], got {tuple(row_ids.shape)}")
-    scores = log_mu if temperature in (0, 1) else log_mu / temperature
+    scores = log_mu_NV if temperature in (0, 1) else log_mu_NV / temperature
     if temperature > 0:
-        cols = shard.global_ids(log_mu.device)
-        scores = scores + gumbel_noise(seed, row_ids.to(log_mu.device), cols)
+        cols = shard.global_ids(log_mu_NV.device)
+        scores = scores + gumbel_noise(seed, row_ids.to(log_mu_NV.device), cols)
     best_val, best_local = scores.max(dim=1)
-    picked_log = log_mu.gather(1, best_local.unsqueeze(1)).squeeze(1)
+    picked_log = log_mu_NV.gather(1, best_local.unsqueeze(1)).squeeze(1)
     local = torch.stack([best_val, (best_local + shard.offset).to(best_val.dtype), picked_log], 1)
     if temperature not in (0, 1):
-        local = torch.cat([local, lse_stats(log_mu / temperature)], dim=1)
+        local = torch.cat([local, lse_stats(log_mu_NV / temperature)], dim=1)
     gathered = all_gather_rows(local, shard.group)  # [R, N, 3 or 5]
     winner = gathered[..., 0].argmax(0)  # first rank wins ties -> smallest global id
     pick = gathered.gather(0, winner.view(1, rows, 1).expand(1, rows, gathered.shape[-1]))[0]

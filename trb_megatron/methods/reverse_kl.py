@@ -12,45 +12,18 @@ Estimators (method.md "OPEN"; the gradient is always with respect to the student
            p~_v (delta_v - value) on v in K (zero elsewhere). With K = the whole vocabulary it
            equals the full estimator, value and gradient.
   sampled: K1 at the rollout token y: A = log p_y - log q_y as a detached advantage; value A,
-           gradient A (onehot(y) - p).
+           gradient A (onehot(y) - p) (token_terms.reinforce of token_terms.token_log_probs).
 Under a group every rank returns the same loss and the gradient of its own shard; collectives
 move a few scalars (or K triples) per row, never the vocabulary.
 """
 
 import torch
 
-from .vocab import (Shard, all_gather_rows, column_values, combine_weighted, describe_shard,
-                    finite_shift, lse_stats, merge_stops, prepare_logits)
+from .token_terms import (check_tokens, compute_dtype, finite_or_raise, global_lse, reinforce,
+                          row_chunks, scatter_owned, token_log_probs, topk_support)
+from .vocab import describe_shard, finite_shift, lse_stats, merge_stops, prepare_logits
 
 ESTIMATORS = ("full", "topk", "sampled")
-_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk: the eager passes over it stay in cache
-
-
-def _chunks(shard: Shard, chunk_rows):
-    step = chunk_rows or max(1, _CHUNK_ELEMENTS // max(shard.width, 1))
-    return [slice(i, min(i + step, shard.rows)) for i in range(0, shard.rows, step)]
-
-
-def _global_lse(stats_NK, shard):
-    """Combine per-rank statistics [N, 4 + E]: (max_s, sum e^(s-max_s), max_t, sum e^(t-max_t),
-    E extra sums of e^(s-max_s) * f). Returns global lse_s [N], lse_t [N] and the extra sums as
-    sums over p = softmax(s) ([N, E]); one all-gather."""
-    gathered = all_gather_rows(stats_NK, shard.group)
-    m_s, z_s = combine_weighted(gathered[..., 0:2]).unbind(1)
-    m_t, z_t = combine_weighted(gathered[..., 2:4]).unbind(1)
-    lse_s, lse_t = m_s + torch.log(z_s), m_t + torch.log(z_t)
-    extra = combine_weighted(torch.cat([gathered[..., 0:1], gathered[..., 4:]], dim=-1))
-    return lse_s, lse_t, extra[:, 1:] * torch.exp(extra[:, 0:1] - lse_s.unsqueeze(1))
-
-
-def _dtype(x):
-    """Compute dtype: float64 for float64 inputs, float32 otherwise (bf16/fp16 upcast)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _finite_or_raise(*values):
-    if not all(bool(torch.isfinite(v).all()) for v in values):
-        raise ValueError("logits must be finite in every real (non-padded) vocabulary column")
 
 
 def kl_chunk_stats(s_NV, t_NV, excluded_V, dtype):
@@ -94,13 +67,13 @@ def _kernel(fn, fused):
 class _FullReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_NV, t_NV, shard, chunk_rows, fused):
-        excluded, dtype = shard.excluded(s_NV.device), _dtype(s_NV)
+        excluded, dtype = shard.excluded(s_NV.device), compute_dtype(s_NV)
         stats = _kernel(kl_chunk_stats, fused)
         local = torch.cat([stats(s_NV[rows], t_NV[rows], excluded, dtype)
-                           for rows in _chunks(shard, chunk_rows)])
-        lse_s, lse_t, sums = _global_lse(local, shard)  # one collective for all rows
+                           for rows in row_chunks(shard, chunk_rows)])
+        lse_s, lse_t, sums = global_lse(local, shard)  # one collective for all rows
         kl_N = sums[:, 0] - lse_s + lse_t
-        _finite_or_raise(kl_N)
+        finite_or_raise(kl_N)
         ctx.save_for_backward(s_NV, t_NV, lse_s, lse_s - lse_t + kl_N)
         ctx.shard, ctx.chunk_rows, ctx.fused = shard, chunk_rows, fused
         return kl_N.clamp_min(0.0)
@@ -108,41 +81,28 @@ class _FullReverseKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         s_NV, t_NV, lse_s, shift = ctx.saved_tensors
-        excluded, dtype = ctx.shard.excluded(s_NV.device), _dtype(s_NV)
+        excluded, dtype = ctx.shard.excluded(s_NV.device), compute_dtype(s_NV)
         grad_fn = _kernel(kl_chunk_grad, ctx.fused)
         grad_NV = torch.empty_like(s_NV)
-        for rows in _chunks(ctx.shard, ctx.chunk_rows):
+        for rows in row_chunks(ctx.shard, ctx.chunk_rows):
             grad_NV[rows] = grad_fn(s_NV[rows], t_NV[rows], lse_s[rows], shift[rows],
                                     grad_N[rows].to(dtype), excluded, dtype)
         return grad_NV, None, None, None, None
 
 
-def _topk_support(s_NV, t_NV, shard, k):
-    """Global student top-k per row: (s values, t values, global ids), each [N, k]."""
-    local_k = min(k, shard.width)
-    s_vals, local_ids = s_NV.topk(local_k, dim=1)
-    t_vals = t_NV.gather(1, local_ids)
-    cand = torch.stack([s_vals, t_vals, (local_ids + shard.offset).to(s_vals.dtype)], -1)
-    cand = all_gather_rows(cand.flatten(1), shard.group)  # [R, N, local_k * 3]
-    cand = cand.view(shard.world, shard.rows, local_k, 3).transpose(0, 1).reshape(shard.rows, -1, 3)
-    order = cand[..., 0].topk(k, dim=1).indices
-    best = cand.gather(1, order.unsqueeze(-1).expand(-1, -1, 3))
-    return best[..., 0], best[..., 1], best[..., 2].to(torch.int64)
-
-
 class _TopkReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_NV, t_NV, shard, k):
-        s = prepare_logits(s_NV, shard, _dtype(s_NV))
-        t = prepare_logits(t_NV, shard, _dtype(s_NV))
-        lse_s, lse_t, _ = _global_lse(torch.cat([lse_stats(s), lse_stats(t)], 1), shard)
-        s_k, t_k, ids_k = _topk_support(s, t, shard, k)
+        s = prepare_logits(s_NV, shard, compute_dtype(s_NV))
+        t = prepare_logits(t_NV, shard, compute_dtype(s_NV))
+        lse_s, lse_t, _ = global_lse(torch.cat([lse_stats(s), lse_stats(t)], 1), shard)
+        s_k, t_k, ids_k = topk_support(s, t, shard, k)
         if not bool(torch.isfinite(s_k).all()):
             raise ValueError(f"topk loss: k={k} exceeds the number of real vocabulary columns")
         delta = (s_k - lse_s[:, None]) - (t_k - lse_t[:, None])
         weights = torch.softmax(s_k, dim=1)
         value = (weights * delta).sum(1)
-        _finite_or_raise(value)
+        finite_or_raise(value)
         ctx.save_for_backward(weights * (delta - value[:, None]), ids_k)
         ctx.shard, ctx.like = shard, s_NV
         return value
@@ -152,43 +112,8 @@ class _TopkReverseKL(torch.autograd.Function):
         coeff_NK, ids_NK = ctx.saved_tensors
         shard = ctx.shard
         grad = torch.zeros(shard.rows, shard.width, dtype=coeff_NK.dtype, device=coeff_NK.device)
-        local = ids_NK - shard.offset
-        owned = (local >= 0) & (local < shard.width)
-        contrib = torch.where(owned, coeff_NK * grad_N[:, None], torch.zeros_like(coeff_NK))
-        grad.scatter_add_(1, local.clamp(0, shard.width - 1), contrib)
+        scatter_owned(grad, coeff_NK * grad_N[:, None], ids_NK, shard)
         return grad.to(ctx.like.dtype), None, None, None
-
-
-def _at_tokens(x_NV, tokens_N, shard):
-    """[N] value of column tokens_N[n] in row n, fetched from the owning rank."""
-    return column_values(x_NV, tokens_N.unsqueeze(1), shard)[:, 0]
-
-
-class _SampledReverseKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s_NV, t_NV, shard, tokens_N, chunk_rows):
-        s = prepare_logits(s_NV, shard, _dtype(s_NV))
-        t = prepare_logits(t_NV, shard, _dtype(s_NV))
-        lse_s, lse_t, _ = _global_lse(torch.cat([lse_stats(s), lse_stats(t)], 1), shard)
-        advantage = (_at_tokens(s, tokens_N, shard) - lse_s) - (_at_tokens(t, tokens_N, shard) - lse_t)
-        _finite_or_raise(advantage)
-        ctx.save_for_backward(s_NV, lse_s, advantage, tokens_N)
-        ctx.shard, ctx.chunk_rows = shard, chunk_rows
-        return advantage
-
-    @staticmethod
-    def backward(ctx, grad_N):
-        s_NV, lse_s, advantage, tokens_N = ctx.saved_tensors
-        shard = ctx.shard
-        coeff = advantage * grad_N
-        grad_NV = torch.empty_like(s_NV)
-        for rows in _chunks(shard, ctx.chunk_rows):
-            p = (prepare_logits(s_NV[rows], shard, _dtype(s_NV)) - lse_s[rows, None]).exp_()
-            grad_NV[rows] = p.mul_(-coeff[rows, None])
-        local = tokens_N - shard.offset
-        hit = ((local >= 0) & (local < shard.width)).nonzero().squeeze(1)
-        grad_NV[hit, local[hit]] += coeff[hit].to(grad_NV.dtype)
-        return grad_NV, None, None, None, None
 
 
 def per_token_reverse_kl(student_logits, teacher_logits, *, group=None, estimator="full",
@@ -214,13 +139,11 @@ def per_token_reverse_kl(student_logits, teacher_logits, *, group=None, estimato
         return _TopkReverseKL.apply(student, teacher, shard, topk)
     if tokens is None:
         raise ValueError('estimator="sampled" needs tokens: the [N] rollout token ids')
-    tokens = torch.as_tensor(tokens, dtype=torch.int64, device=student_logits.device)
-    if tokens.shape != (shard.rows,):
-        raise ValueError(f"tokens must have shape [{shard.rows}], got {tuple(tokens.shape)}")
-    limit = shard.layout.size or shard.total
-    if bool(((tokens < 0) | (tokens >= limit)).any()):
-        raise ValueError(f"tokens must be vocabulary ids in [0, {limit})")
-    return _SampledReverseKL.apply(student, teacher, shard, tokens, chunk_rows)
+    tokens = check_tokens(tokens, shard, student_logits.device)
+    with torch.no_grad():
+        teacher_log_p = token_log_probs(teacher, tokens, shard, chunk_rows)
+    student_log_p = token_log_probs(student, tokens, shard, chunk_rows)
+    return reinforce(student_log_p - teacher_log_p, student_log_p)
 
 
 def reverse_kl_loss(student_logits, teacher_logits, *, mask=None, group=None, estimator="full",

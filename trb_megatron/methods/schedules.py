@@ -1,0 +1,71 @@
+"""Scalar schedules over optimiser steps k: the values a method's behaviour or objective takes
+at each step. Every schedule is non-increasing in k, so a quantity that reaches 0 stays 0 (the
+trainer relies on it: once a behaviour no longer needs the teacher, it never will again).
+
+Constant(value):           value at every step
+LinearAnneal(start, K):    start * (1 - k / K) for k < K, then 0   (TRB's eps schedule)
+CosineAnneal(start, K):    start * (1 + cos(pi k / K)) / 2 for k < K, then 0   (TrOPD's prefix)
+"""
+
+import dataclasses
+import math
+
+
+def _check(start, steps):
+    if not (math.isfinite(start) and start >= 0):
+        raise ValueError(f"a schedule's start value must be finite and >= 0, got {start}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"a schedule's anneal steps must be an int >= 1, got {steps!r}")
+
+
+def _step(k):
+    if k < 0:
+        raise ValueError(f"step must be >= 0, got {k}")
+    return k
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    value: float
+
+    def __post_init__(self):
+        _check(self.value, 1)
+
+    def __call__(self, k: int) -> float:
+        _step(k)
+        return self.value
+
+    def describe(self) -> str:
+        return f"fixed at {self.value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAnneal:
+    start: float
+    steps: int
+
+    def __post_init__(self):
+        _check(self.start, self.steps)
+
+    def __call__(self, k: int) -> float:
+        return self.start * (1.0 - _step(k) / self.steps) if k < self.steps else 0.0
+
+    def describe(self) -> str:
+        return f"{self.start:g} annealed linearly to 0 over {self.steps} steps"
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineAnneal:
+    start: float
+    steps: int
+
+    def __post_init__(self):
+        _check(self.start, self.steps)
+
+    def __call__(self, k: int) -> float:
+        if _step(k) >= self.steps:
+            return 0.0
+        return self.start * 0.5 * (1.0 + math.cos(math.pi * k / self.steps))
+
+    def describe(self) -> str:
+        return f"{self.start:g} cosine-annealed to 0 over {self.steps} steps"

@@ -9,8 +9,9 @@ same run. Never part of the test suite.
    torch.logsumexp pass over the same (float32) logits, mean/max Newton evaluations per token;
    eager float64 (the default), fused float64 and fused float32 with tol=1e-5 (fused =
    torch.compile).
-2. Bytes one rank receives per token for one solver evaluation under a 2-rank gloo group
-   (counted on the real all_gather calls), versus all-gathering both models' logits.
+2. Bytes one rank receives per token under a 2-rank gloo group (counted on the real
+   all-gather calls) for one solver evaluation and for the TrOPD objective (forward and
+   backward, fkl outliers over the teacher's top-64), versus all-gathering both models' logits.
 3. reverse_kl_loss("full", eager and fused) forward+backward versus megatron-core's
    vocab_parallel_cross_entropy
    on the same logits: time ratio, and peak-memory ratio (growth of the peak RSS, VmHWM, of a
@@ -73,26 +74,47 @@ def bench_solver(s, t, repeats):
                   f"{sol.beta.mean():>11.3f}{sol.teacher_feasible.double().mean():>11.3f}")
 
 
+def _counted(fn, calls):
+    """fn() with every all-gather of the method functions recorded as (rows, bytes received)."""
+    from trb_megatron.methods import vocab as vocab_module
+
+    upstream = vocab_module._GATHER_INTO_TENSOR
+
+    def counting(output, tensor, group=None, async_op=False):
+        received = output.numel() * output.element_size() - tensor.numel() * tensor.element_size()
+        calls.append((tensor.shape[0], received))
+        return upstream(output, tensor, group=group, async_op=async_op)
+
+    vocab_module._GATHER_INTO_TENSOR = counting
+    try:
+        return fn()
+    finally:
+        vocab_module._GATHER_INTO_TENSOR = upstream
+
+
 def _comm_worker(rank, world, port, rows, vocab, queue):
+    from trb_megatron.methods import SOURCE_TEACHER, TokenInputs, TrOPD
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     s, t = peaked_logits(rows, vocab, seed=1)
     width = vocab // world
     local = slice(rank * width, (rank + 1) * width)
-    calls = []
-    upstream = dist.all_gather
-
-    def counting(outputs, tensor, group=None, async_op=False):
-        received = sum(o.numel() * o.element_size() for o in outputs) - tensor.numel() * tensor.element_size()
-        calls.append((tensor.shape[0], received))
-        return upstream(outputs, tensor, group=group, async_op=async_op)
-
-    dist.all_gather = counting
-    sol = solve_beta(s[:, local].contiguous(), t[:, local].contiguous(), 0.01,
-                     group=dist.group.WORLD)
-    dist.all_gather = upstream
+    solve_calls, tropd_forward, tropd_backward = [], [], []
+    sol = _counted(lambda: solve_beta(s[:, local].contiguous(), t[:, local].contiguous(), 0.01,
+                                      group=dist.group.WORLD), solve_calls)
+    g = torch.Generator().manual_seed(3)
+    inputs = TokenInputs(tokens=torch.randint(0, vocab, (rows,), generator=g),
+                         from_teacher=torch.arange(rows) % 8 == SOURCE_TEACHER,
+                         uniforms=torch.rand(rows, generator=g, dtype=torch.float64))
+    student = s[:, local].contiguous().requires_grad_(True)
+    terms = _counted(lambda: TrOPD(outlier_topk=64).terms(student, t[:, local].contiguous(), inputs,
+                                                        group=dist.group.WORLD, vocab=None),
+                     tropd_forward)
+    _counted(lambda: terms.loss.sum().backward(), tropd_backward)
     if rank == 0:
-        queue.put((calls, sol.token_iterations.double().mean().item()))
+        queue.put((solve_calls, sol.token_iterations.double().mean().item(), tropd_forward,
+                   tropd_backward))
     dist.destroy_process_group()
 
 
@@ -107,7 +129,7 @@ def bench_communication(rows, vocab):
              for r in range(world)]
     for p in procs:
         p.start()
-    calls, mean_it = queue.get(timeout=600)
+    calls, mean_it, tropd_forward, tropd_backward = queue.get(timeout=600)
     for p in procs:
         p.join()
     evals = [(n, b) for n, b in calls if n > 0]
@@ -120,6 +142,12 @@ def bench_communication(rows, vocab):
     print(f"all-gathering both models' vocabularies instead: {gather_vocab} B per token "
           f"({gather_vocab / per_token:.0f}x one evaluation, {gather_vocab / total:.0f}x the "
           "whole solve)")
+    forward = sum(b for _, b in tropd_forward) / rows
+    backward = sum(b for _, b in tropd_backward) / rows
+    print(f"TrOPD objective (fkl outliers over the teacher's top-64): forward "
+          f"{len(tropd_forward)} all-gathers, {forward:.0f} B per token received; backward "
+          f"{len(tropd_backward)}, {backward:.0f} B; vs {gather_vocab} B to gather both "
+          f"vocabularies ({gather_vocab / (forward + backward):.0f}x)")
 
 
 def _loss_run(which, rows, vocab, measure_memory):

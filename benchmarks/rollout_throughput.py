@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from trb_megatron.methods import BehaviourStep
 from trb_megatron.parallel.local_launch import spawn_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,8 @@ def _megatron_worker(rank, world, args, work, out):
         for eps in (args.eps, 0.0):
             rows[f"megatron TP={world}, eps={eps:g}"] = _timed(
                 lambda: engine.generate(prompts, samples_per_prompt=args.samples,
-                                        max_new_tokens=args.max_new_tokens, eps=eps, seed=1),
+                                        max_new_tokens=args.max_new_tokens,
+                                        behaviour=BehaviourStep(eps=eps), seed=1),
                 args.repeats)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
@@ -96,7 +98,8 @@ def _sglang_rows(args) -> dict:
             for eps in (args.eps, 0.0) if teacher else (0.0,):
                 request = RolloutRequest.build(
                     prompts, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-                    eps=eps, seed=1, prompt_offset=0, vocab_size=vocab.size, max_positions=512)
+                    behaviour=BehaviourStep(eps=eps), seed=1, prompt_offset=0,
+                    vocab_size=vocab.size, max_positions=512)
 
                 def generate():
                     outputs = engine.generate(

@@ -33,7 +33,7 @@ METHODS = ("trb", "opd", "fixed_eps")
 
 def run(method: str, seed: int, args, port: int) -> Path:
     run_dir = ROOT / args.out / f"{method}_s{seed}"
-    overrides = [f"trb.method={method}", f"train.seed={seed}", f"train.run_dir={run_dir}",
+    overrides = [f"method.name={method}", f"train.seed={seed}", f"train.run_dir={run_dir}",
                  *args.overrides]
     if args.steps:
         overrides.append(f"train.steps={args.steps}")

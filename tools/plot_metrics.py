@@ -2,8 +2,10 @@
 
     python tools/plot_metrics.py runs/toy_trb runs/toy_opd [--out runs/compare.png]
 
-Reads RUN/metrics.jsonl of every run and writes one PNG with four panels: loss and exact
-reverse KL, eps and mean beta, evaluation accuracy (when logged), response length. The
+Reads RUN/metrics.jsonl of every run and writes one PNG with five panels: loss and exact
+reverse KL, eps and mean beta, evaluation accuracy (when logged), response length and the
+longest teacher prefix, and TrOPD's trust mask (kept and outlier fractions of student tokens,
+teacher-prefix fraction of response tokens; tropd and trb_tropd runs). The
 evaluation panel plots accuracy against optimiser steps completed, each evaluation marked: the
 student's accuracy before training (RUN/summary.json's student_accuracy_before, once the run has
 written it) at 0, then the evaluations logged during training (an evaluation in the record of
@@ -21,7 +23,10 @@ from pathlib import Path
 
 EVAL = "eval/accuracy"
 PANELS = (("loss / reverse KL", ("loss", "reverse_kl")), ("eps and beta", ("eps", "beta_mean")),
-          ("eval accuracy", (EVAL,)), ("response length", ("response_len_mean",)))
+          ("eval accuracy", (EVAL,)), ("lengths", ("response_len_mean", "prefix_len_max")),
+          ("trust mask and teacher prefixes", ("tropd_trust_frac", "tropd_outlier_frac",
+                                               "teacher_prefix_frac")))
+STYLES = ("-", "--", ":")
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -61,7 +66,9 @@ def figure(run_dirs):
     runs = {Path(d).name: curves(d) for d in run_dirs}
     sizes = collections.Counter(method_of(name) for name in runs)  # first-seen order
     groups = list(sizes)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         labelled = set()
         for name, points_by_key in runs.items():
@@ -70,7 +77,7 @@ def figure(run_dirs):
             for key in keys:
                 if points_by_key[key]:
                     steps, values = zip(*points_by_key[key])
-                    style = "-" if key == keys[0] else "--"
+                    style = STYLES[keys.index(key)]
                     label = None
                     if (group, key) not in labelled:
                         labelled.add((group, key))

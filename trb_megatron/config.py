@@ -67,7 +67,7 @@ class MethodConfig:
     outlier: str = "fkl"
     """tropd: the term of tokens the trust mask rejects: fkl (forward KL over the teacher's
     top-k, the paper's), clip (K1 with the reward clipped at -outlier_tau) or mask (K1 dropped
-    when |reward| > outlier_tau)."""
+    where abs(reward) > outlier_tau)."""
     outlier_topk: int = 64
     """tropd: k of the fkl outlier term (paper: 64; at most the vocabulary)."""
     outlier_tau: float = 2.0

@@ -5,7 +5,6 @@ config errors from the command line, and a SIGKILLed job resumed."""
 
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import psutil
 import pytest
 
 from tests.distributed.launcher import free_port as _port
+from tests.job_checks import TROPD_OVERRIDES, check_tropd_run
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "examples" / "run_trb_distill.sh"
@@ -48,23 +48,6 @@ def test_bash_form(mini_config):
     assert "summary:" in done.stdout
 
 
-def check_tropd_run(run_dir: Path, output: str):
-    """Two steps of the tropd preset with its prefix schedule at 0 from step 1: teacher
-    prefixes at step 0 only, every metric finite, the engine's log-probs the trainer's."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1], output
-    for record in records:
-        numbers = [v for v in record.values() if isinstance(v, float)]
-        assert all(math.isfinite(v) for v in numbers), record
-        assert {"tropd_trust_frac", "tropd_outlier_frac", "tropd_reward_mean", "loss_trust",
-                "loss_outlier", "loss_prefix"} <= set(record)
-        assert record["rollout_logprob_diff_max"] <= 1e-3, record
-    assert records[0]["prefix_len_max"] == 48 and records[0]["teacher_prefix_frac"] > 0
-    assert records[1]["prefix_len_max"] == 0 and records[1]["teacher_prefix_frac"] == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "done" and summary["method"].startswith("tropd: teacher_prefix")
-
-
 # The bash form runs the launcher with .venv's python whatever the caller's is: only the
 # torchrun form (sys.executable) belongs to the megatron tier (scripts/test.sh).
 @pytest.mark.megatron
@@ -73,8 +56,7 @@ def test_torchrun_form_with_tropd(mini_config):
     run_dir = root / "torchrun-run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", _port(), str(LAUNCHER), f"train.run_dir={run_dir}",
-               "eval=null", "train.save_every=0", "method.name=tropd",
-               "method.prefix_anneal_steps=1"]
+               "eval=null", "train.save_every=0", *TROPD_OVERRIDES]
     done = subprocess.run(command, env=_env(config, OMP_NUM_THREADS="1"), cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

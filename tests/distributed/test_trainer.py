@@ -1,8 +1,9 @@
 """The training loop end to end on real gloo processes (TP=2): 4 steps straight equal 2 steps +
 kill + resume 2 steps bit for bit, for trb and for tropd (its trust-mask draws and teacher
 prefixes keyed by seed and step); SIGTERM checkpoints and stops cleanly; a non-finite loss stops
-the run with the last good checkpoint intact; metrics carry every documented key; the trb and
-opd presets give the numbers recorded before the methods seam (tests/pinned.py)."""
+the run with the last good checkpoint intact; metrics carry every documented key; trb_tropd
+composes TRB's rollouts with TrOPD's objective; the trb and opd presets give the numbers
+recorded before the methods seam (tests/pinned.py)."""
 
 import dataclasses
 import json
@@ -129,6 +130,14 @@ def _body(rank, world, root):
     assert tropd[0]["loss_prefix"] != 0 and tropd[-1]["loss_prefix"] == 0
     resolved = (root / "tropd-straight" / "config.yaml").read_text()
     assert "behaviour: teacher_prefix" in resolved and "prefix_max: 6" in resolved
+
+    # trb_tropd: TRB's blend in the rollouts, TrOPD's objective on its (student-side) tokens
+    combined = MethodConfig(name="trb_tropd", eps0=0.5, anneal_steps=3, outlier_topk=16)
+    assert _run(_config(root, "trb_tropd", 2, combined)) == "done"
+    for r in _metrics(root, "trb_tropd"):
+        assert r["eps"] > 0 and r["beta_mean"] > 0 and r["teacher_prefix_frac"] == 0
+        assert r["kl_to_student_max"] <= r["eps"] + 1e-6 and r["loss_prefix"] == 0
+        assert 0 < r["tropd_trust_frac"] <= 1 and r["rollout_logprob_diff_max"] <= 1e-3
 
     for preset in ("trb", "opd"):
         _run(pinned_config(root, preset, "megatron"))

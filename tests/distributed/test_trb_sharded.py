@@ -1,4 +1,6 @@
-"""The TRB functions on a vocabulary sharded over real gloo groups equal the unsharded result.
+"""The method functions on a vocabulary sharded over real gloo groups equal the unsharded result:
+the trust-region solve, sampling, the reverse-KL estimators, the TrOPD objective (each outlier
+term; values and gradients) and the teacher top-64 forward KL (against the dense formula).
 
 One launch per world size runs every check; shards are contiguous and, at 4 ranks, uneven.
 """
@@ -7,10 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests import reference as ref
 from tests.cases import logit_cases
 from tests.distributed.launcher import run_distributed
-from trb_megatron.methods import (VocabLayout, blended_log_probs, per_token_reverse_kl,
-                              sample_tokens, solve_beta)
+from trb_megatron.methods import (TokenInputs, TrOPD, VocabLayout, blended_log_probs,
+                                  describe_shard, per_token_reverse_kl, sample_tokens, solve_beta,
+                                  teacher_topk_forward_kl)
 
 V = 97
 LAYOUT = VocabLayout(size=93, stop_ids=(90, 2))  # stop tokens on the last and first shard
@@ -76,6 +80,41 @@ def _check_losses(s, t, rank, world):
                                    rtol=1e-10)
 
 
+def _sharded_grad(fn, s, rank, world):
+    """(value, this rank's gradient shard) of sum(fn(x) * weights) on the local shard x."""
+    x = _local(s, rank, world).double().requires_grad_(True)
+    value = fn(x)
+    (value * torch.arange(1.0, s.shape[0] + 1, dtype=torch.float64)).sum().backward()
+    return value.detach(), x.grad
+
+
+def _check_tropd(s, t, rank, world):
+    """TrOPD at TP=world equals TP=1 (values, gradients), every outlier term; the teacher's
+    top-64 forward KL equals the dense formula."""
+    group = dist.group.WORLD
+    n = s.shape[0]
+    inputs = TokenInputs(tokens=torch.arange(n) * 13 % 90, from_teacher=torch.arange(n) % 4 == 3,
+                         uniforms=torch.where(torch.arange(n) % 2 == 0, 1e-9, 1 - 1e-9).double())
+    t_local = _local(t, rank, world).double()
+    for outlier in ("fkl", "clip", "mask"):
+        objective = TrOPD(outlier=outlier, outlier_topk=64, outlier_tau=1.0, prefix_weight=0.2)
+        dense, dense_grad = _sharded_grad(
+            lambda x: objective.terms(x, t.double(), inputs, group=None, vocab=LAYOUT).loss,
+            s, 0, 1)
+        got, got_grad = _sharded_grad(
+            lambda x: objective.terms(x, t_local, inputs, group=group, vocab=LAYOUT).loss,
+            s, rank, world)
+        torch.testing.assert_close(got, dense, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(got_grad, _local(dense_grad, rank, world), atol=1e-12,
+                                   rtol=1e-10)
+    want, want_grad = _sharded_grad(lambda x: ref.topk_forward_kl(x, t, 64), s, 0, 1)
+    got, got_grad = _sharded_grad(
+        lambda x: teacher_topk_forward_kl(x, t_local, describe_shard(x, t_local, group=group),
+                                          64), s, rank, world)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_grad, _local(want_grad, rank, world), atol=1e-12, rtol=1e-10)
+
+
 def _check_bad_input(s, t, rank, world):
     group = dist.group.WORLD
     s_local, t_local = _local(s, rank, world), _local(t, rank, world)
@@ -94,6 +133,7 @@ def _body(rank, world):
         _check_solver(s, t, rank, world)
         _check_sampling(s, t, rank, world)
         _check_losses(s, t, rank, world)
+        _check_tropd(s, t, rank, world)
     _check_bad_input(*logit_cases(n=8, v=V)["random"], rank, world)
 
 

@@ -21,6 +21,7 @@ pytestmark = [GPU, NEEDS_CUDA, NEEDS_TE]
 def _body(rank, world, root):
     from trb_megatron.checkpoint.convert import hf_to_megatron, load_megatron, parallel_layout
     from trb_megatron.config import OptimConfig, from_dict
+    from trb_megatron.methods import BehaviourStep, ReverseKL
     from trb_megatron.models.forward import full_logits
     from trb_megatron.models.pairing import shared_vocab_layout
     from trb_megatron.parallel import detect_profile
@@ -57,13 +58,13 @@ def _body(rank, world, root):
         engine = MegatronRolloutEngine(ddp.module, teacher, groups, vocab=vocab,
                                        pad_id=vocab.stop_ids[0])
         prompts = [[5, 9, 14], [7, 3], [11, 12, 13, 4, 6]]
-        batch = engine.generate(prompts, samples_per_prompt=1, max_new_tokens=6, eps=0.05,
-                                seed=0)
+        batch = engine.generate(prompts, samples_per_prompt=1, max_new_tokens=6,
+                                behaviour=BehaviourStep(eps=0.05), seed=0)
         mask = batch.response_mask
         assert mask.any() and torch.isfinite(batch.behaviour_logprobs[mask]).all()
-        assert (batch.kl_to_student[mask] <= 0.05 + 1e-6).all()
-        step = DistillStep(ddp, teacher, optimizer, groups, vocab, estimator="full", topk=16,
-                           micro_batch_size=2)
+        assert (batch.stat("kl_to_student")[mask] <= 0.05 + 1e-6).all()
+        step = DistillStep(ddp, teacher, optimizer, groups, vocab,
+                           objective=ReverseKL(estimator="full"), micro_batch_size=2)
         result = step(batch)
         assert math.isfinite(result.loss) and result.loss >= 0
         assert math.isfinite(result.grad_norm) and result.grad_norm > 0

@@ -1,6 +1,6 @@
 """What only a GPU can show about the SGLang backend (everything else runs on CPU in tests/sglang):
 the composite model under decode CUDA graphs with the default attention backend (fa3), where
-each replay must read the per-request budgets from the static eps buffer, and the colocated
+each replay must read the per-request budgets from the static per-row buffers, and the colocated
 memory saver (release/resume of the KV cache and CUDA graphs around a rollout).
 
 Run (a CUDA machine with the sglang extra and this package installed, so SGLang finds the
@@ -30,7 +30,7 @@ def test_cuda_graph_decode_reads_each_requests_budget(models):
     try:
         for eps in (1e-3, 1e-2):
             batch = sample(engine, eps)
-            assert (batch.kl_to_student[batch.response_mask] <= eps + 1e-5).all()
+            assert (batch.stat("kl_to_student")[batch.response_mask] <= eps + 1e-5).all()
         mixed = engine.generate(
             input_ids=[[2, 17, 33, 5]] * 2,
             sampling_params=[{"max_new_tokens": 8, "custom_params": {"trb_eps": eps}}

@@ -65,7 +65,8 @@ def test_teacher_prefixes_are_decided_inside_the_engine(composite):
     for b, l_b in enumerate(lengths):
         p, r = int(prefixed.prompt_lengths[b]), int(prefixed.response_lengths[b])
         n = min(l_b, r)
-        assert prefixed.from_teacher[b, p:p + n].all() and not prefixed.from_teacher[b, p + n:].any()
+        assert prefixed.from_teacher[b, p:p + n].all()
+        assert not prefixed.from_teacher[b, p + n:].any()
         assert (prefixed.stat("beta")[b, p:p + n] == 1).all()
         assert (prefixed.stat("beta")[b, p + n:p + r] == 0).all()
         span = slice(p, p + min(n, int(teacher.response_lengths[b])))

@@ -57,6 +57,25 @@ def test_evaluation_curve_starts_before_training(tmp_path):
     assert curves(run)[EVAL][0][0] == 3
 
 
+def test_tropd_runs_get_their_panel(tmp_path):
+    import matplotlib.pyplot as plt
+
+    run = _write_run(tmp_path / "tropd_s0", 0.0)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "loss": 0.1, "tropd_trust_frac": 0.9,
+                            "tropd_outlier_frac": 0.1, "teacher_prefix_frac": 0.3,
+                            "prefix_len_max": 12}) + "\n")
+    fig = figure([run, _write_run(tmp_path / "trb_s0", 0.1)])
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+        labels = [line.get_label() for line in panels["trust mask and teacher prefixes"].lines]
+        assert labels == ["tropd: tropd_trust_frac", "tropd: tropd_outlier_frac",
+                          "tropd: teacher_prefix_frac"]
+        assert "tropd: prefix_len_max" in [line.get_label() for line in panels["lengths"].lines]
+    finally:
+        plt.close(fig)
+
+
 def test_evaluations_are_marked(tmp_path):
     import matplotlib.pyplot as plt
 

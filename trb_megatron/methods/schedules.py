@@ -40,7 +40,9 @@ class Constant:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearAnneal:
+class _Anneal:
+    """start * shape(k / steps) for k < steps, then 0."""
+
     start: float
     steps: int
 
@@ -48,24 +50,23 @@ class LinearAnneal:
         _check(self.start, self.steps)
 
     def __call__(self, k: int) -> float:
-        return self.start * (1.0 - _step(k) / self.steps) if k < self.steps else 0.0
+        return self.start * self.shape(_step(k) / self.steps) if k < self.steps else 0.0
 
     def describe(self) -> str:
-        return f"{self.start:g} annealed linearly to 0 over {self.steps} steps"
+        return f"{self.start:g} {self.how} to 0 over {self.steps} steps"
 
 
-@dataclasses.dataclass(frozen=True)
-class CosineAnneal:
-    start: float
-    steps: int
+class LinearAnneal(_Anneal):
+    how = "annealed linearly"
 
-    def __post_init__(self):
-        _check(self.start, self.steps)
+    @staticmethod
+    def shape(x: float) -> float:
+        return 1.0 - x
 
-    def __call__(self, k: int) -> float:
-        if _step(k) >= self.steps:
-            return 0.0
-        return self.start * 0.5 * (1.0 + math.cos(math.pi * k / self.steps))
 
-    def describe(self) -> str:
-        return f"{self.start:g} cosine-annealed to 0 over {self.steps} steps"
+class CosineAnneal(_Anneal):
+    how = "cosine-annealed"
+
+    @staticmethod
+    def shape(x: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * x))

@@ -51,7 +51,8 @@ def global_lse(stats_NK, shard):
 
 def topk_support(primary_NV, other_NV, shard: Shard, k: int):
     """The global top-k of `primary` per row: (primary values, other's values at those ids,
-    global ids), each [N, k]; one all-gather of R x min(k, V) triples per row."""
+    global ids), each [N, k]; one all-gather of R x k triples per row (a shard narrower than k
+    pads its candidates with -inf, so every rank sends the same count)."""
     limit = shard.layout.size or shard.total
     if k > limit:
         raise ValueError(f"top-k support: k={k} exceeds the {limit} tokens of the vocabulary")
@@ -59,9 +60,14 @@ def topk_support(primary_NV, other_NV, shard: Shard, k: int):
     p_vals, local_ids = primary_NV.topk(local_k, dim=1)
     o_vals = other_NV.gather(1, local_ids)
     cand = torch.stack([p_vals, o_vals, (local_ids + shard.offset).to(p_vals.dtype)], -1)
-    cand = all_gather_rows(cand.flatten(1), shard.group)  # [R, N, local_k * 3]
+    if local_k < k:
+        pad = torch.full((cand.shape[0], k - local_k, 3), float("-inf"), dtype=cand.dtype,
+                         device=cand.device)
+        cand = torch.cat([cand, pad.index_fill_(2, torch.tensor([2], device=cand.device),
+                                                 0.0)], dim=1)
+    cand = all_gather_rows(cand.flatten(1), shard.group)  # [R, N, k * 3]
     rows = primary_NV.shape[0]
-    cand = cand.view(shard.world, rows, local_k, 3).transpose(0, 1).reshape(rows, -1, 3)
+    cand = cand.view(shard.world, rows, k, 3).transpose(0, 1).reshape(rows, -1, 3)
     order = cand[..., 0].topk(k, dim=1).indices
     best = cand.gather(1, order.unsqueeze(-1).expand(-1, -1, 3))
     return best[..., 0], best[..., 1], best[..., 2].to(torch.int64)

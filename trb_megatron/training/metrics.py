@@ -25,8 +25,7 @@ def rollout_statistics(batch: RolloutBatch, dp_group) -> dict:
     mask = response & ~batch.from_teacher
     beta = batch.stat("beta")[mask].double()
     hist = torch.histc(beta, bins=_BINS, min=0.0, max=1.0)
-    feasible = (beta == 1.0).sum() if batch.behaviour.eps > 0 else torch.tensor(0)
-    sums = torch.cat([torch.tensor([mask.sum(), beta.sum(), feasible,
+    sums = torch.cat([torch.tensor([mask.sum(), beta.sum(), (beta == 1.0).sum(),
                                     batch.response_lengths.sum(), len(batch.response_lengths),
                                     response.sum(), batch.from_teacher.sum()],
                                    dtype=torch.float64), hist.double()])
